@@ -1,0 +1,1 @@
+"""baselines components of gag-lightning."""

@@ -1,0 +1,1 @@
+"""eval components of gag-lightning."""

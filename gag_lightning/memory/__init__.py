@@ -1,0 +1,1 @@
+"""memory components of gag-lightning."""

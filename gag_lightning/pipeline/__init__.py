@@ -1,0 +1,29 @@
+"""Stage dispatch: `run_stages` from the config, in order, each reading its upstream artifacts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def _registry() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
+    from gag_lightning.pipeline.expert import run_dapt, run_sft
+
+    return {"dapt": run_dapt, "sft": run_sft}
+
+
+def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    registry = _registry()
+    unknown = [s for s in cfg.run_stages if s not in registry]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; available: {sorted(registry)}")
+    results: dict[str, dict[str, Any]] = {}
+    for stage in cfg.run_stages:
+        log.info("=== stage %s ===", stage)
+        results[stage] = registry[stage](cfg)
+    return results

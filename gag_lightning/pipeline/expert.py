@@ -1,0 +1,147 @@
+"""Stage I (dapt) and Stage II (sft) runners: load, train, export the expert, write the manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from gag_lightning.artifacts import (
+    MANIFEST,
+    atomic_write_text,
+    read_manifest,
+    require_artifact,
+    write_manifest,
+)
+from gag_lightning.callbacks import HFExportCallback
+from gag_lightning.eval.generation import DecodingConfig, generate_batched
+from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
+from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
+from gag_lightning.prompts import render_prompt, sft_messages, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+
+def expert_init_path(cfg: DictConfig, stage: str) -> Path:
+    """The weights a stage starts from: the preset's expert, the dapt artifact, or an explicit directory."""
+    init = cfg[stage].get("init_from")
+    if init in (None, "base"):
+        return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
+    if init == "dapt":
+        folder = artifact_dir(cfg, "dapt")
+        require_artifact(folder, "dapt", hint=(
+            f"Run `python train.py stage=dapt model={cfg.model.name} domain={cfg.domain.name}` first "
+            f"(same overrides), or start from the preset's expert with `sft.init_from=base`, "
+            f"or give a model directory with `sft.init_from=/path/to/model`."))
+        return folder
+    path = Path(str(init))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{stage}.init_from={init}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def sft_expert_path(cfg: DictConfig) -> Path:
+    """The finished Stage II expert for this model/domain (what the memory stage reads)."""
+    folder = artifact_dir(cfg, "sft")
+    require_artifact(folder, "sft", hint=(
+        f"Run `python train.py stage=sft model={cfg.model.name} domain={cfg.domain.name}` first (same overrides)."))
+    return folder
+
+
+def _sample_answers(model: Any, tokenizer: Any, records: list, instruction: str, n: int,
+                    max_new_tokens: int) -> list[dict[str, str]]:
+    if n <= 0 or not records:
+        return []
+    picked = records[:n]
+    prompts = [tokenizer(render_prompt(tokenizer, sft_messages(r.instruction or instruction, r.question)),
+                         add_special_tokens=False)["input_ids"] for r in picked]
+    was_training = model.training
+    model.eval()
+    outs = generate_batched(model, tokenizer, prompts, DecodingConfig(max_new_tokens=max_new_tokens, batch_size=n),
+                            stop_token_ids(tokenizer, model.generation_config))
+    model.train(was_training)
+    return [{"question": r.question, "reference": r.answer, "prediction": o.text} for r, o in zip(picked, outs,
+                                                                                                   strict=True)]
+
+
+def run_causal_stage(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    out_dir = artifact_dir(cfg, stage)
+    key = stage_key(cfg, stage)
+    if read_manifest(out_dir) is not None:
+        log.info("[%s] artifact already complete for this configuration: %s (skipping)", stage, out_dir)
+        return {"artifact": str(out_dir), "skipped": True, **read_manifest(out_dir).get("metrics", {})}
+    init_path = expert_init_path(cfg, stage)
+    log.info("[%s] starting from %s; artifact -> %s", stage, init_path, out_dir)
+    if out_dir.exists():  # an interrupted earlier attempt: it has no manifest, so nothing in it is trusted
+        shutil.rmtree(out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = load_tokenizer(init_path)
+    model = load_causal_lm(init_path, cfg.model.dtype)
+    node = cfg[stage]
+    datamodule = instantiate(node.datamodule, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    module = instantiate(node.module, model=model)
+    export = HFExportCallback(out_dir, tokenizer, monitor=node.get("monitor", "val/loss"))
+    loggers = make_loggers(cfg, stage)
+    trainer = build_trainer(cfg, stage, [export], loggers, steps_per_epoch=len(datamodule.train_dataloader()))
+    report: dict[str, Any] = {}
+    wants_report = stage == "sft" and node.get("report_before_after", False)
+    test_records = datamodule.records.get("test", []) if wants_report else []
+    n_samples = int(node.get("sample_answers", 0))
+    max_new = int(cfg.domain.answer_max_new_tokens)
+    if wants_report and test_records:
+        report["before"] = {"test_loss": trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/loss"],
+                            "samples": _sample_answers(model, tokenizer, test_records, cfg.domain.instruction,
+                                                       n_samples, max_new)}
+    trainer.fit(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if export.best is not None:
+        metrics["best_" + export.monitor] = export.best
+    if wants_report and test_records:
+        best = load_causal_lm(out_dir, cfg.model.dtype)
+        module.model = best
+        report["after"] = {"test_loss": trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/loss"],
+                           "samples": _sample_answers(best, tokenizer, test_records, cfg.domain.instruction,
+                                                      n_samples, max_new)}
+        metrics["test/loss_before"] = report["before"]["test_loss"]
+        metrics["test/loss_after"] = report["after"]["test_loss"]
+    finish_loggers(loggers)
+    if trainer.is_global_zero:
+        if report:
+            atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+            _print_report(stage, report)
+        write_manifest(out_dir, stage, config=key, inputs={"init": str(init_path),
+                                                           "init_fingerprint": fingerprint_dir(init_path)},
+                       metrics=metrics, extra={"best_step": export.best_step, "run_dir": str(cfg.paths.output_dir),
+                                               "stage_config": container(node)})
+    log.info("[%s] done: %s (%s written last)", stage, out_dir, MANIFEST)
+    return {"artifact": str(out_dir), **metrics}
+
+
+def _print_report(stage: str, report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{stage}: held-out test before / after")
+    table.add_column("")
+    table.add_column("before")
+    table.add_column("after")
+    table.add_row("test/loss", f"{report['before']['test_loss']:.4f}", f"{report['after']['test_loss']:.4f}")
+    for b, a in zip(report["before"]["samples"], report["after"]["samples"], strict=True):
+        table.add_row(f"Q: {b['question']}\nref: {b['reference']}", b["prediction"], a["prediction"])
+    Console().print(table)
+
+
+def run_dapt(cfg: DictConfig) -> dict[str, Any]:
+    return run_causal_stage(cfg, "dapt")
+
+
+def run_sft(cfg: DictConfig) -> dict[str, Any]:
+    return run_causal_stage(cfg, "sft")

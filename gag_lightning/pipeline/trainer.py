@@ -1,0 +1,78 @@
+"""Trainer and logger construction from the composed config (hardware preset + stage budget)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
+    """One logger set per stage: CSV/TensorBoard in a stage sub-folder, one wandb run per stage (job type)."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None or "_target_" not in node:
+            continue
+        node = OmegaConf.to_container(node, resolve=True)
+        target = node["_target_"]
+        if target.endswith("CSVLogger") or target.endswith("TensorBoardLogger"):
+            node["name"] = stage
+        elif target.endswith("WandbLogger"):
+            node["job_type"] = stage
+            node["name"] = f"{stage}-{cfg.model.name}-{cfg.domain.name}-seed{cfg.seed}"
+            node.setdefault("config", {})
+            node["config"] = OmegaConf.to_container(cfg, resolve=True)
+        logger = instantiate(node)
+        loggers.append(logger)
+    return loggers
+
+
+def finish_loggers(loggers: list[Any]) -> None:
+    """Close wandb runs so each multirun job / stage is its own finished run."""
+    for logger in loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def trainer_kwargs(cfg: DictConfig, stage_trainer: DictConfig | dict | None) -> dict[str, Any]:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(OmegaConf.to_container(stage_trainer, resolve=True) if stage_trainer else {})
+    if isinstance(kwargs.get("strategy"), dict):
+        kwargs["strategy"] = instantiate(kwargs["strategy"])
+    return kwargs
+
+
+def fractional_epochs(kwargs: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """Lightning takes whole epochs; a budget like 1.5 epochs (METHOD.md, adjuvant SFT) becomes max_steps."""
+    epochs = kwargs.get("max_epochs")
+    if epochs is not None and float(epochs) != int(float(epochs)):
+        accum = int(kwargs.get("accumulate_grad_batches", 1))
+        steps = math.ceil(float(epochs) * steps_per_epoch / accum)
+        if kwargs.get("max_steps", -1) in (-1, None) or steps < kwargs["max_steps"]:
+            kwargs["max_steps"] = steps
+        kwargs["max_epochs"] = math.ceil(float(epochs))
+    elif epochs is not None:
+        kwargs["max_epochs"] = int(float(epochs))
+    return kwargs
+
+
+def build_trainer(cfg: DictConfig, stage: str, callbacks: list[L.Callback], loggers: list[Any],
+                  steps_per_epoch: int | None = None, **overrides: Any) -> L.Trainer:
+    kwargs = trainer_kwargs(cfg, cfg[stage].get("trainer"))
+    if steps_per_epoch is not None:
+        kwargs = fractional_epochs(kwargs, steps_per_epoch)
+    kwargs.update(overrides)
+    root = Path(cfg.paths.output_dir) / stage
+    return L.Trainer(callbacks=callbacks, logger=loggers or False, default_root_dir=str(root),
+                     enable_checkpointing=False, **kwargs)

@@ -1,0 +1,1 @@
+"""routing components of gag-lightning."""

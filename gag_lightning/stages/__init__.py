@@ -1,0 +1,1 @@
+"""stages components of gag-lightning."""
