@@ -54,24 +54,52 @@ def container(node: Any) -> Any:
     return node
 
 
+def _node(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    if stage == "backgrounds":
+        return _strip(container(cfg.memory.generation))
+    if stage == "memory":
+        return _strip(container(cfg.memory.compression))
+    return _strip(container(cfg[stage]))
+
+
+def _expert_source(cfg: DictConfig, init: Any) -> dict[str, Any]:
+    """Key part naming the expert weights: an upstream artifact's hash, the preset's model, or a path."""
+    if init in ("dapt", "sft"):
+        return {"upstream": config_hash(stage_key(cfg, init))}
+    if init in (None, "base"):
+        return {"model": container(cfg.model.expert)}
+    return {"model": str(init)}
+
+
 def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    """Everything that determines `stage`'s artifact, upstream stages' keys included."""
-    node = _strip(container(cfg[stage]))
-    key: dict[str, Any] = {"stage": stage, "config": node, "seed": cfg.seed,
-                           "precision": str(cfg.trainer.precision)}
+    """Everything that determines `stage`'s artifact, upstream stages' keys included (by hash).
+
+    Stages: dapt, sft, backgrounds (expert generations), memory (compressed bank), gag (adapter), eval.
+    """
+    key: dict[str, Any] = {"stage": stage, "config": _node(cfg, stage)}
     if stage == "dapt":
-        key["model"] = container(cfg.model.expert) if node.get("init_from") is None else node["init_from"]
-        key["data"] = file_digest(cfg.domain.knowledge_base)
+        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision),
+                   data=file_digest(cfg.domain.knowledge_base), **_expert_source(cfg, cfg.dapt.get("init_from")))
     elif stage == "sft":
-        init = node.get("init_from")
-        if init == "dapt":
-            key["upstream"] = config_hash(stage_key(cfg, "dapt"))
-        elif init in (None, "base"):
-            key["model"] = container(cfg.model.expert)
-        else:
-            key["model"] = init
-        key["data"] = [file_digest(cfg.domain.train), file_digest(cfg.domain.dev)]
-        key["instruction"] = cfg.domain.instruction
+        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), instruction=cfg.domain.instruction,
+                   data=[file_digest(cfg.domain.train), file_digest(cfg.domain.dev)],
+                   **_expert_source(cfg, cfg.sft.get("init_from")))
+    elif stage == "backgrounds":
+        splits = list(cfg.memory.splits)
+        key.update(data={s: file_digest(cfg.domain.get(s)) for s in splits},
+                   **_expert_source(cfg, cfg.memory.get("expert", "sft")))
+        if key["config"].get("do_sample"):
+            key["seed"] = cfg.seed
+    elif stage == "memory":
+        key["upstream"] = config_hash(stage_key(cfg, "backgrounds"))
+    elif stage == "gag":
+        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=container(cfg.model.base),
+                   upstream=config_hash(stage_key(cfg, "memory")), request_text=cfg.domain.request_text,
+                   instruction=cfg.domain.instruction)
+    elif stage == "eval":
+        key.update(upstream=config_hash(stage_key(cfg, "gag")))
+    else:
+        raise ValueError(f"no artifact key defined for stage '{stage}'")
     return key
 
 
