@@ -119,6 +119,11 @@ def resolve_path(spec: Mapping[str, Any], cache_dir: str | os.PathLike | None = 
 
         return build_tiny_lm(_cache_root(cache_dir) / "models", **{k: v for k, v in spec.items()
                                                                    if k not in ("source", "description")})
+    if source == "tiny_encoder":
+        from gag_lightning.models.tiny import build_tiny_encoder
+
+        return build_tiny_encoder(_cache_root(cache_dir) / "models", **{k: v for k, v in spec.items()
+                                                                        if k not in ("source", "description")})
     if source == "hub":
         if os.environ.get("HF_HUB_OFFLINE", "0") == "1":
             raise GAGError(f"hub model '{spec['path']}' requested but HF_HUB_OFFLINE=1; download it and use "

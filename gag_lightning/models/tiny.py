@@ -141,3 +141,67 @@ def build_tiny_lm(
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def build_tiny_encoder(
+    cache_root: str | os.PathLike,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    vocab_size: int = 1024,
+    corpus_files: Sequence[str | os.PathLike] = (),
+    **_: object,
+) -> Path:
+    """A tiny random BERT saved as a sentence-transformers directory (Transformer + mean pooling).
+
+    It has the same layout as the real all-MiniLM-L6-v2 directory, so every consumer (semantic
+    target, BERTScore, STS, router) loads tiny and real encoders through one code path.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    params = dict(version=TINY_BUILDER_VERSION, kind="encoder", seed=seed, hidden=hidden_size, layers=num_layers,
+                  heads=num_heads, inter=intermediate_size, vocab=vocab_size)
+    corpus_files = [str(f) for f in corpus_files]
+    out = Path(cache_root) / f"tiny-encoder-{_digest(params, corpus_files)}"
+    if (out / "modules.json").is_file():
+        return out
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(tok_models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(_corpus(corpus_files), trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    bert_dir = tmp / "bert"
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                        num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                        max_position_embeddings=512)
+    BertModel(config).save_pretrained(bert_dir)
+    fast.save_pretrained(bert_dir)
+    transformer = st_models.Transformer(str(bert_dir), max_seq_length=256)
+    pooling = st_models.Pooling(hidden_size, pooling_mode="mean")
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(tmp / "st"))
+    # flatten: the sentence-transformers directory is the encoder directory (like the MiniLM package's)
+    shutil.move(str(tmp / "st"), str(out.with_name(out.name + f".st-{os.getpid()}")))
+    shutil.rmtree(tmp)
+    try:
+        os.replace(out.with_name(out.name + f".st-{os.getpid()}"), out)
+    except OSError:
+        shutil.rmtree(out.with_name(out.name + f".st-{os.getpid()}"), ignore_errors=True)
+    return out

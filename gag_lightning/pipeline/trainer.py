@@ -27,9 +27,11 @@ def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
         elif target.endswith("WandbLogger"):
             node["job_type"] = stage
             node["name"] = f"{stage}-{cfg.model.name}-{cfg.domain.name}-seed{cfg.seed}"
-            node.setdefault("config", {})
-            node["config"] = OmegaConf.to_container(cfg, resolve=True)
         logger = instantiate(node)
+        # the whole composed config, not instantiated (its nodes carry _target_ keys)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config.pop("hydra", None)
+        logger.log_hyperparams(config)
         loggers.append(logger)
     return loggers
 

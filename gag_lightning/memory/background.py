@@ -1,0 +1,278 @@
+"""Step 1 of the memory stage: the expert writes a "background" for every question (METHOD.md section 3).
+
+The reference release generates one question at a time and crashes or silently mixes settings on
+resume. Here a split is planned once into batches of similar prompt length, each batch goes through
+the project's single batched decoding path (`generate_batched`: left padding, KV cache, stop at any
+end id) and is appended durably to a `BackgroundStore` before the next one starts, so a killed run
+resumes where it stopped and a run with other settings is refused by the store's schema.
+
+The work is a `BackgroundJob` with `open(rank, world_size) -> batches`, `run_batch(model, indices)`
+and `close()`: the pipeline drives it through Lightning's predict loop (one store file per rank),
+`generate_backgrounds` drives it in-process; both run the same code, so they give the same records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from gag_lightning.data.records import QARecord
+from gag_lightning.eval.generation import DecodingConfig, generate_batched
+from gag_lightning.memory.bank import BackgroundStore
+from gag_lightning.prompts import background_messages, render_prompt
+
+__all__ = [
+    "BackgroundConfig",
+    "BackgroundJob",
+    "JobStats",
+    "background_prompt_ids",
+    "background_settings",
+    "empty_question_indices",
+    "generate_backgrounds",
+    "plan_batches",
+]
+
+log = logging.getLogger(__name__)
+
+#: Called after every batch with the number of batches this job has finished (tests use it to simulate a kill).
+BatchHook = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class BackgroundConfig:
+    """Everything that decides what the expert writes (the store refuses to mix two of these)."""
+
+    prompt_style: str = "reference"  # reference: [system prompt, question]; sft: the Stage II user turn
+    system_prompt: str = ""
+    instruction: str = ""  # used by the sft style when a record carries no instruction of its own
+    max_new_tokens: int = 768
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    enable_thinking: bool = False
+    seed: int = 0  # sampling only: each batch is seeded from (seed, its first record index)
+
+    @classmethod
+    def from_mapping(cls, node: Mapping[str, Any], seed: int = 0) -> BackgroundConfig:
+        """Build from the `memory.generation` config node; unknown keys (dtype, ...) are ignored here."""
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: node[k] for k in names if k in node and node[k] is not None}
+        values.setdefault("seed", seed)
+        return cls(**values)
+
+
+def background_settings(config: BackgroundConfig, expert_fingerprint: str, stop_ids: Sequence[int],
+                        **extra: Any) -> dict[str, Any]:
+    """The store schema: expert, prompts, length, decoding and stop ids (+ caller extras: split, data, dtype).
+
+    The seed and sampling parameters only enter when sampling, so greedy stores do not depend on them.
+    """
+    settings: dict[str, Any] = {
+        "kind": "gag-backgrounds",
+        "expert_fingerprint": expert_fingerprint,
+        "prompt_style": config.prompt_style,
+        "system_prompt": config.system_prompt if config.prompt_style == "reference" else None,
+        "instruction": config.instruction if config.prompt_style == "sft" else None,
+        "max_new_tokens": int(config.max_new_tokens),
+        "do_sample": bool(config.do_sample),
+        "enable_thinking": bool(config.enable_thinking),
+        "stop_ids": sorted(int(i) for i in stop_ids),
+    }
+    if config.do_sample:
+        settings.update(temperature=float(config.temperature), top_p=float(config.top_p), seed=int(config.seed))
+    settings.update(extra)
+    return settings
+
+
+def background_prompt_ids(tokenizer: Any, records: Sequence[QARecord], config: BackgroundConfig) -> list[list[int]]:
+    """Token ids of each record's background prompt (chat template, generation prompt, thinking off)."""
+    out = []
+    for record in records:
+        messages = background_messages(record.question, config.system_prompt,
+                                       record.instruction or config.instruction, config.prompt_style)
+        text = render_prompt(tokenizer, messages, config.enable_thinking)
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def empty_question_indices(records: Sequence[QARecord]) -> list[int]:
+    """Records whose question is blank: they are generated anyway (on the bare prompt) and counted."""
+    return [r.index for r in records if not r.question.strip()]
+
+
+def plan_batches(lengths: Mapping[int, int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches of record indices, grouped by similar length (less padding, fewer wasted steps).
+
+    The records are sorted by (length, index) and dealt round-robin to the ranks, so every rank gets
+    a similar mix of lengths and no record is given twice (no padding duplicates, unlike a plain
+    DistributedSampler); the plan depends only on the pending set, so a resumed run re-forms the
+    same batches for the records still missing.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    order = sorted(lengths, key=lambda i: (lengths[i], i))
+    mine = order[rank::world_size]
+    return [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+
+
+@dataclass
+class JobStats:
+    """What one job did in this process (records and tokens are this rank's, for this run only)."""
+
+    records: int = 0
+    tokens: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        out["records_per_s"] = self.records / self.seconds if self.seconds > 0 else 0.0
+        out["tokens_per_s"] = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return out
+
+
+class _Progress:
+    """A tqdm bar in records with tokens/s in the postfix; shown on rank 0 only."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="rec", disable=not enabled or total == 0, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, records: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:.1f} tok/s", refresh=False)
+        self.bar.update(records)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class BackgroundJob:
+    """Generate the missing backgrounds of `records` into the store at `folder`, batch by batch."""
+
+    def __init__(self, tokenizer: Any, records: Sequence[QARecord], folder: str | Path, settings: Mapping[str, Any],
+                 config: BackgroundConfig, stop_ids: Sequence[int], batch_size: int = 16, progress: bool = True,
+                 desc: str = "backgrounds", on_batch: BatchHook | None = None) -> None:
+        if not stop_ids:
+            raise ValueError("stop_ids is empty: the expert would never stop; pass the generation config's eos ids")
+        self.tokenizer = tokenizer
+        self.records = {r.index: r for r in records}
+        if len(self.records) != len(records):
+            raise ValueError("records carry duplicate indices")
+        self.folder = Path(folder)
+        self.settings = dict(settings)
+        self.config = config
+        self.stop_ids = [int(i) for i in stop_ids]
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        self.desc = desc
+        self.on_batch = on_batch
+        self.prompts = dict(zip(self.records, background_prompt_ids(tokenizer, records, config), strict=True))
+        self.empty_questions = empty_question_indices(records)
+        self.store: BackgroundStore | None = None
+        self.stats = JobStats()
+        self._bar: _Progress | None = None
+        self._t0 = 0.0
+
+    def open(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """Open (or resume) this rank's store file and return this rank's batches of pending records."""
+        self.store = BackgroundStore.open_for_writing(self.folder, self.settings, rank=rank)
+        done = self.store.done_indices()
+        stray = sorted(done - set(self.records))
+        if stray:
+            log.warning("%s holds %d record(s) not in the input file (e.g. index %d); they are kept but unused",
+                        self.folder, len(stray), stray[0])
+        pending = {i: len(p) for i, p in self.prompts.items() if i not in done}
+        if rank == 0:
+            if self.empty_questions:
+                log.warning("[%s] %d record(s) have an empty question (indices %s%s); generating on the bare prompt "
+                            "and counting them", self.desc, len(self.empty_questions), self.empty_questions[:10],
+                            " ..." if len(self.empty_questions) > 10 else "")
+            if done:
+                log.info("[%s] resuming: %d of %d records already generated", self.desc,
+                         len(done & set(self.records)), len(self.records))
+        batches = plan_batches(pending, self.batch_size, rank, world_size)
+        self._bar = _Progress(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
+                              self.progress and rank == 0)
+        self._t0 = time.perf_counter()
+        return batches
+
+    def _seed(self, indices: Sequence[int]) -> None:
+        # a batch's sample depends on its own records only, not on how far the run got before a resume
+        torch.manual_seed((int(self.config.seed) * 1_000_003 + int(indices[0])) % (2**63 - 1))
+
+    def run_batch(self, model: Any, indices: Sequence[int]) -> list[dict[str, Any]]:
+        if self.store is None:
+            raise RuntimeError("call open() before run_batch()")
+        indices = [int(i) for i in indices]
+        prompts = [self.prompts[i] for i in indices]
+        decoding = DecodingConfig(max_new_tokens=self.config.max_new_tokens, do_sample=self.config.do_sample,
+                                  temperature=self.config.temperature, top_p=self.config.top_p,
+                                  batch_size=len(indices))
+        if self.config.do_sample:
+            self._seed(indices)
+        generations = generate_batched(model, self.tokenizer, prompts, decoding, self.stop_ids)
+        rows = []
+        for index, prompt, gen in zip(indices, prompts, generations, strict=True):
+            record = self.records[index]
+            rows.append({"index": index, "id": record.id, "question": record.question, "answer": record.answer,
+                         "background": gen.text, "token_ids": list(gen.token_ids), "finished": bool(gen.finished),
+                         "prompt_ids": prompt})
+        self.store.append(rows)
+        tokens = sum(len(r["token_ids"]) for r in rows)
+        self.stats.records += len(rows)
+        self.stats.tokens += tokens
+        self.stats.batches += 1
+        self.stats.seconds = time.perf_counter() - self._t0
+        if self._bar is not None:
+            self._bar.update(len(rows), tokens)
+        if self.on_batch is not None:
+            self.on_batch(self.stats.batches)
+        return rows
+
+    def close(self, flush: bool = True) -> JobStats:
+        """Finish the job (every batch was already appended durably, so `flush` has nothing to do here)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.stats.seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
+        self.stats.extra["empty_questions"] = len(self.empty_questions)
+        return self.stats
+
+
+def run_job(job: Any, model: Any) -> JobStats:
+    """Drive a job in this process (one rank); the pipeline uses Lightning's predict loop instead."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        for batch in job.open(0, 1):
+            job.run_batch(model, batch)
+    except BaseException:
+        job.close(flush=False)  # like a kill: what was not committed is redone on resume
+        raise
+    finally:
+        model.train(was_training)
+    return job.close()
+
+
+def generate_backgrounds(model: Any, tokenizer: Any, records: Sequence[QARecord], folder: str | Path,
+                         settings: Mapping[str, Any], config: BackgroundConfig, stop_ids: Sequence[int],
+                         batch_size: int = 16, progress: bool = True,
+                         on_batch: BatchHook | None = None) -> JobStats:
+    """Generate (or finish generating) the backgrounds of `records` into the store at `folder`."""
+    job = BackgroundJob(tokenizer, records, folder, settings, config, stop_ids, batch_size, progress,
+                        on_batch=on_batch)
+    return run_job(job, model)

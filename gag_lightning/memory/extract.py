@@ -1,0 +1,213 @@
+"""Step 2 of the memory stage: teacher-forced hidden states of the backgrounds, compressed into a bank.
+
+The reference release records every layer's state at every decoding step and pickles them. The same
+numbers come out of one batched forward pass over prompt + generated tokens: under causal attention
+the state at the position where generated token j is the input is what incremental decoding saw
+when it fed token j back. Sequences are right-padded with an attention mask built from their lengths
+(never by comparing ids with the pad id), only the positions of the generated tokens (stop token
+excluded) enter the compression, and only the configured layers are kept.
+
+`MemoryJob` has the same `open / run_batch / close` shape as `BackgroundJob`: memories are buffered
+and written as safetensors shards of `shard_size` records, the resume unit of a `MemoryBank`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gag_lightning.memory.background import BatchHook, JobStats, _Progress, plan_batches, run_job
+from gag_lightning.memory.bank import MemoryBank, MemorySchema
+from gag_lightning.memory.compression import build_memories, layer_indices
+
+__all__ = [
+    "CompressionConfig",
+    "MemoryJob",
+    "build_memory_bank",
+    "extract_memories",
+    "memory_metadata",
+    "teacher_forced_states",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    layer_keys: tuple[str, ...] = ("last", "minus2", "minus4", "minus6")
+    slots: int = 4
+    pooling: str = "segment_softmax"
+    temperature: float = 1.0
+    dtype: str = "float16"  # storage dtype of the bank
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_keys", tuple(self.layer_keys))
+        layer_indices(self.layer_keys)
+
+    @classmethod
+    def from_mapping(cls, node: Mapping[str, Any]) -> CompressionConfig:
+        """Build from the `memory.compression` config node; other keys are ignored."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: (list(node[k]) if k == "layer_keys" else node[k]) for k in names if k in node})
+
+
+def _backbone(model: Any) -> Any:
+    """The transformer without its LM head: hidden states only, no [B, T, vocab] logits tensor."""
+    base = getattr(model, "base_model", None)
+    return base if base is not None else model
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def teacher_forced_states(model: Any, sequences: Sequence[Sequence[int]],
+                          layer_keys: Sequence[str]) -> list[Tensor]:
+    """Hidden states [B, T, H] of the configured layers (config order) for right-padded `sequences`.
+
+    Indices follow Hugging Face `output_hidden_states` (-1 = after the final norm). Padded positions
+    come after every real token, so with causal attention they cannot change a real position.
+    """
+    if not sequences:
+        raise ValueError("no sequences to run")
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("empty sequence: every record has at least its prompt")
+    picks = layer_indices(layer_keys)
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    device = _device(model)
+    with torch.inference_mode():
+        out = _backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               output_hidden_states=True, use_cache=False, return_dict=True)
+        hidden = out.hidden_states
+        if hidden is None:
+            raise TypeError(f"{type(model).__name__} returned no hidden_states for output_hidden_states=True")
+        depth = len(hidden) - 1  # hidden[0] is the embedding output
+        too_deep = [k for k, i in zip(layer_keys, picks, strict=True) if -i > depth]
+        if too_deep:
+            raise ValueError(f"layer key(s) {too_deep} reach below the first of the expert's {depth} layers")
+        states = [hidden[i] for i in picks]
+        del out, hidden
+    return states
+
+
+def extract_memories(model: Any, prompt_ids: Sequence[Sequence[int]], generated_ids: Sequence[Sequence[int]],
+                     config: CompressionConfig) -> Tensor:
+    """Memories [B, K, S, H] (float32, on the model's device) of records given as prompt + generated tokens.
+
+    `generated_ids` exclude the stop token; record b uses positions len(prompt_b) .. len(prompt_b) +
+    L_b - 1, the positions whose input is a generated token. L_b = 0 gives one zero vector (METHOD.md).
+    """
+    if len(prompt_ids) != len(generated_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts for {len(generated_ids)} generations")
+    sequences = [list(p) + list(g) for p, g in zip(prompt_ids, generated_ids, strict=True)]
+    spans = [(len(p), len(p) + len(g)) for p, g in zip(prompt_ids, generated_ids, strict=True)]
+    states = teacher_forced_states(model, sequences, config.layer_keys)
+    return build_memories(states, spans, config.slots, config.pooling, config.temperature)
+
+
+def memory_metadata(background: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON metadata of one bank record (everything a later stage needs besides the tensor)."""
+    return {"index": int(background["index"]), "id": background["id"], "question": background["question"],
+            "answer": background["answer"], "background": background["background"],
+            "num_generated_tokens": len(background["token_ids"]), "finished": bool(background["finished"])}
+
+
+class MemoryJob:
+    """Extract and bank the memories of `backgrounds` (store records) missing from the bank at `folder`."""
+
+    def __init__(self, backgrounds: Sequence[Mapping[str, Any]], folder: str | Path, schema: MemorySchema,
+                 config: CompressionConfig, batch_size: int = 16, shard_size: int = 256, progress: bool = True,
+                 desc: str = "memories", on_batch: BatchHook | None = None) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        missing = [b["index"] for b in backgrounds if "prompt_ids" not in b]
+        if missing:
+            raise ValueError(f"background record(s) {missing[:5]} carry no prompt_ids; regenerate the backgrounds")
+        self.backgrounds = {int(b["index"]): b for b in backgrounds}
+        self.folder = Path(folder)
+        self.schema = schema
+        self.config = config
+        self.batch_size = int(batch_size)
+        self.shard_size = int(shard_size)
+        self.progress = progress
+        self.desc = desc
+        self.on_batch = on_batch
+        self.bank: MemoryBank | None = None
+        self.stats = JobStats()
+        self._metas: list[dict[str, Any]] = []
+        self._memories: list[Tensor] = []
+        self._bar: _Progress | None = None
+        self._t0 = 0.0
+
+    def open(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        self.bank = MemoryBank.open_for_writing(self.folder, self.schema, rank=rank)
+        done = self.bank.done_indices()
+        lengths = {i: len(b["prompt_ids"]) + len(b["token_ids"]) for i, b in self.backgrounds.items()
+                   if i not in done}
+        if rank == 0 and done:
+            log.info("[%s] resuming: %d of %d memories already banked", self.desc,
+                     len(done & set(self.backgrounds)), len(self.backgrounds))
+        batches = plan_batches(lengths, self.batch_size, rank, world_size)
+        self._bar = _Progress(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
+                              self.progress and rank == 0)
+        self._t0 = time.perf_counter()
+        return batches
+
+    def _write(self, count: int) -> None:
+        assert self.bank is not None
+        metas, self._metas = self._metas[:count], self._metas[count:]
+        memories = torch.cat(self._memories)
+        self._memories = [memories[count:]] if memories.shape[0] > count else []
+        self.bank.write_shard(metas, memories[:count])
+
+    def run_batch(self, model: Any, indices: Sequence[int]) -> Tensor:
+        if self.bank is None:
+            raise RuntimeError("call open() before run_batch()")
+        rows = [self.backgrounds[int(i)] for i in indices]
+        memories = extract_memories(model, [r["prompt_ids"] for r in rows], [r["token_ids"] for r in rows],
+                                    self.config).cpu()
+        self._metas.extend(memory_metadata(r) for r in rows)
+        self._memories.append(memories)
+        while len(self._metas) >= self.shard_size:
+            self._write(self.shard_size)
+        tokens = sum(len(r["token_ids"]) for r in rows)
+        self.stats.records += len(rows)
+        self.stats.tokens += tokens
+        self.stats.batches += 1
+        self.stats.seconds = time.perf_counter() - self._t0
+        if self._bar is not None:
+            self._bar.update(len(rows), tokens)
+        if self.on_batch is not None:
+            self.on_batch(self.stats.batches)
+        return memories
+
+    def close(self, flush: bool = True) -> JobStats:
+        """Write the last partial shard (skipped when closing after an error: a resume redoes those records)."""
+        if flush and self._metas:
+            self._write(len(self._metas))
+        self._metas, self._memories = [], []
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.stats.seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
+        return self.stats
+
+
+def build_memory_bank(model: Any, backgrounds: Sequence[Mapping[str, Any]], folder: str | Path,
+                      schema: MemorySchema, config: CompressionConfig, batch_size: int = 16,
+                      shard_size: int = 256, progress: bool = True, on_batch: BatchHook | None = None) -> JobStats:
+    """Extract (or finish extracting) the memories of `backgrounds` into the bank at `folder`."""
+    job = MemoryJob(backgrounds, folder, schema, config, batch_size, shard_size, progress, on_batch=on_batch)
+    return run_job(job, model)

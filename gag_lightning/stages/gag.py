@@ -1,0 +1,223 @@
+"""Stage III: train the injection adapter against a frozen base model (METHOD.md section 4).
+
+The base is reached only through ``inputs_embeds``: its embedding output is computed as usual and the
+S ``<GAG>`` positions are overwritten by the adapter's projected memory slots. The base is frozen
+(``requires_grad=False``, eval mode, any dtype) and gradients flow *through* it to the slots; only the
+adapter (layer mix, projector, semantic head) trains, in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from gag_lightning.errors import GAGError
+from gag_lightning.models.adapter import GAGAdapter, inject
+from gag_lightning.models.losses import (
+    DEFAULT_LOSS_WEIGHTS,
+    IGNORE_INDEX,
+    answer_nll,
+    diversity_loss,
+    gag_loss,
+    masked_mean,
+    semantic_loss,
+)
+from gag_lightning.stages.causal_lm import linear_warmup_schedule
+
+LOSS_PARTS = ("loss", "nll", "sem", "div")
+
+
+def injected_embeddings(base: Any, adapter: GAGAdapter, input_ids: Tensor, memory: Tensor,
+                        gag_token_id: int) -> tuple[Tensor, Tensor]:
+    """(inputs_embeds with the projected slots at the ``<GAG>`` positions, slots ``[B, S, H_b]`` fp32).
+
+    The one injection path, shared by training and every GAG system of the evaluation harness.
+    """
+    embeds = base.get_input_embeddings()(input_ids)
+    slots = adapter.project(memory.to(input_ids.device))
+    return inject(embeds, input_ids, gag_token_id, slots), slots
+
+
+def loss_weights_tuple(weights: Mapping[str, float] | Sequence[float] | None) -> tuple[float, float, float]:
+    """``{"nll", "sem", "div"}`` (or a 3-sequence) -> ``(a_nll, a_sem, a_div)``."""
+    if weights is None:
+        return DEFAULT_LOSS_WEIGHTS
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - {"nll", "sem", "div"}
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; expected nll, sem, div")
+        d = dict(zip(("nll", "sem", "div"), DEFAULT_LOSS_WEIGHTS, strict=True))
+        d.update({k: float(v) for k, v in weights.items()})
+        return d["nll"], d["sem"], d["div"]
+    values = tuple(float(w) for w in weights)
+    if len(values) != 3:
+        raise ValueError(f"loss weights must be (nll, sem, div), got {values}")
+    return values  # type: ignore[return-value]
+
+
+class GAGModule(L.LightningModule):
+    """Frozen base + trainable ``GAGAdapter``; loss = a_nll NLL + a_sem L_sem + a_div L_div.
+
+    A weight of 0 skips its term (no hidden states are kept when a_sem = 0); NLL is still computed for
+    logging when a_nll = 0, but without a graph. Every logged value is a mean over the micro-batches of
+    one optimizer step, never multiplied by the accumulation factor (METHOD.md section 8).
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        adapter: GAGAdapter,
+        gag_token_id: int,
+        loss_weights: Mapping[str, float] | Sequence[float] | None = None,
+        lr: float = 1e-4,
+        warmup_ratio: float = 0.1,
+        weight_decay: float = 0.0,
+        betas: Sequence[float] = (0.9, 0.999),
+        gradient_checkpointing: bool = False,
+        log_mix: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter.float()
+        self.gag_token_id = int(gag_token_id)
+        self.weights = loss_weights_tuple(loss_weights)
+        self.save_hyperparameters(ignore=["base", "adapter"])
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.log_mix = log_mix
+        if self.weights[1] > 0 and self.adapter.semantic_head is None:
+            raise GAGError("loss_weights.sem > 0 needs an adapter with a semantic head (AdapterConfig.semantic_dim)")
+        self.base.requires_grad_(False)
+        if self.gradient_checkpointing:
+            # non-reentrant checkpointing lets the gradient reach inputs_embeds without enable_input_require_grads
+            enable = getattr(self.base, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers < 5
+                self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._set_base_mode(False)
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in LOSS_PARTS})
+        self._window: dict[str, list[float]] = {}
+        self._last_logged_step = -1
+
+    # ------------------------------------------------------------------ modes and checkpoints
+    def _set_base_mode(self, training: bool) -> None:
+        """The base always runs in eval mode (no dropout), except that Hugging Face activates gradient
+        checkpointing only on layers in training mode: then those layer modules alone are flagged
+        training, their children (attention, MLP, dropout) stay in eval mode."""
+        self.base.eval()
+        if training and self.gradient_checkpointing:
+            for module in self.base.modules():
+                if getattr(module, "gradient_checkpointing", False) is True:
+                    module.training = True
+
+    def train(self, mode: bool = True) -> GAGModule:
+        super().train(mode)
+        self._set_base_mode(mode)
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A Lightning checkpoint, if anyone enables one, holds the adapter only: never a copy of the base."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("base.")]:
+            del state[key]
+
+    strict_loading = False  # checkpoints lack the (frozen, separately loaded) base
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, memory: Tensor,
+                output_hidden_states: bool = False) -> tuple[Any, Tensor]:
+        """Base outputs with the memory injected, and the projected slots ``[B, S, H_b]`` (fp32)."""
+        embeds, slots = injected_embeddings(self.base, self.adapter, input_ids, memory, self.gag_token_id)
+        out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                        output_hidden_states=output_hidden_states)
+        return out, slots
+
+    def compute_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
+        """(weighted total, unweighted detached parts incl. ``loss``, number of answer tokens)."""
+        a_nll, a_sem, a_div = self.weights
+        use_sem = a_sem > 0
+        out, slots = self(batch["input_ids"], batch["attention_mask"], batch["memory"],
+                          output_hidden_states=use_sem)
+        labels = batch["labels"]
+        nll = answer_nll(out.logits, labels)
+        if a_nll == 0:
+            nll = nll.detach()
+        sem = None
+        if use_sem:
+            if "semantic_target" not in batch:
+                raise GAGError("loss_weights.sem > 0 but the batch has no semantic_target (no semantic encoder?)")
+            pooled = masked_mean(out.hidden_states[-1], batch["answer_mask"])
+            sem = semantic_loss(self.adapter.semantic(pooled), batch["semantic_target"])
+        div = diversity_loss(slots) if a_div > 0 else None
+        total, parts = gag_loss(nll, sem, div, self.weights)
+        parts = {"loss": parts.pop("total"), **parts}
+        n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return total, parts, n_tokens
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        total, parts, _ = self.compute_losses(batch)
+        for name, value in parts.items():
+            self._window.setdefault(name, []).append(float(value))
+        return total
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.adapter.clamp_()  # after the step, as METHOD.md section 4 says
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log once per optimizer step: the mean of that step's micro-batch values, and the layer mix."""
+        step = self.trainer.global_step
+        if step == self._last_logged_step or not self._window:
+            return
+        self._last_logged_step = step
+        means = {f"train/{k}": sum(v) / len(v) for k, v in self._window.items()}
+        self._window = {}
+        self.log_dict(means, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        self.log("train/loss_step", means["train/loss"], on_step=True, on_epoch=False, prog_bar=True,
+                 logger=False, batch_size=1)
+        if self.log_mix:
+            self.log_dict(self.mix_metrics(), on_step=True, on_epoch=False, batch_size=1)
+
+    def mix_metrics(self) -> dict[str, float]:
+        """``mix/slot{s}_{layer key}``: the learned per-slot softmax weights over the expert layers."""
+        weights = self.adapter.layer_weights()
+        keys = self.adapter.config.layer_keys or [str(k) for k in range(weights.shape[1])]
+        return {f"mix/slot{s}_{key}": float(weights[s, k]) for s in range(weights.shape[0])
+                for k, key in enumerate(keys)}
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        _, parts, n_tokens = self.compute_losses(batch)
+        bsz = int(batch["input_ids"].shape[0])
+        for name, value in parts.items():
+            weight = n_tokens if name == "nll" else bsz  # token-weighted NLL, like the training mean
+            self.val_metrics[name].update(value, max(weight, 1))
+            self.log(f"val/{name}", self.val_metrics[name], on_step=False, on_epoch=True,
+                     prog_bar=name == "loss", batch_size=bsz)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      betas=tuple(self.hparams.betas))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = math.ceil(self.hparams.warmup_ratio * total)
+        scheduler = linear_warmup_schedule(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        dtypes = {p.dtype for p in self.adapter.parameters()}
+        if dtypes != {torch.float32}:
+            raise GAGError(
+                f"the adapter must train in fp32 but holds {sorted(map(str, dtypes))}; use a mixed precision "
+                "(e.g. bf16-mixed), not a 'true' half precision, for the gag stage"
+            )
+
+
+__all__ = ["GAGModule", "injected_embeddings", "loss_weights_tuple"]

@@ -1,0 +1,45 @@
+"""Shared fixtures: Hydra composition against conf/ with per-test artifact folders and a shared model cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train"):
+    """Compose the project config like the entry points do (outside a Hydra run, so output_dir is set here)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(overrides) -> DictConfig with artifacts and outputs under tmp_path."""
+
+    def _compose(overrides: list[str] | None = None, config_name: str = "train"):
+        base = [f"paths.artifacts={tmp_path / 'artifacts'}", f"paths.output_dir={tmp_path / 'out'}",
+                f"paths.cache_dir={ROOT / '.cache'}", "print_config=false"]
+        return compose(base + list(overrides or []), config_name)
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_expert_dir() -> Path:
+    from gag_lightning.models.loading import resolve_path
+
+    cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
+    return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
