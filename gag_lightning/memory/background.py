@@ -184,6 +184,7 @@ class BackgroundJob:
         self.empty_questions = empty_question_indices(records)
         self.store: BackgroundStore | None = None
         self.stats = JobStats()
+        self.done_at_open: set[int] = set()  # already generated when this run started (all ranks)
         self._bar: _Progress | None = None
         self._t0 = 0.0
 
@@ -195,6 +196,7 @@ class BackgroundJob:
         if stray:
             log.warning("%s holds %d record(s) not in the input file (e.g. index %d); they are kept but unused",
                         self.folder, len(stray), stray[0])
+        self.done_at_open = done & set(self.records)
         pending = {i: len(p) for i, p in self.prompts.items() if i not in done}
         if rank == 0:
             if self.empty_questions:
@@ -224,7 +226,7 @@ class BackgroundJob:
                                   batch_size=len(indices))
         if self.config.do_sample:
             self._seed(indices)
-        generations = generate_batched(model, self.tokenizer, prompts, decoding, self.stop_ids)
+        generations = generate_batched(model, self.tokenizer, prompts, decoding, self.stop_ids, share_prefix=True)
         rows = []
         for index, prompt, gen in zip(indices, prompts, generations, strict=True):
             record = self.records[index]

@@ -13,6 +13,7 @@ and written as safetensors shards of `shard_size` records, the resume unit of a 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gag_lightning.eval.generation import shared_prefix_len
 from gag_lightning.memory.background import BatchHook, JobStats, _Progress, plan_batches, run_job
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.memory.compression import build_memories, layer_indices
@@ -68,28 +70,43 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def teacher_forced_states(model: Any, sequences: Sequence[Sequence[int]],
-                          layer_keys: Sequence[str]) -> list[Tensor]:
-    """Hidden states [B, T, H] of the configured layers (config order) for right-padded `sequences`.
+def teacher_forced_states(model: Any, sequences: Sequence[Sequence[int]], layer_keys: Sequence[str],
+                          prefix_len: int = 0) -> list[Tensor]:
+    """Hidden states [B, T - prefix_len, H] of the configured layers (config order) for right-padded `sequences`.
 
     Indices follow Hugging Face `output_hidden_states` (-1 = after the final norm). Padded positions
     come after every real token, so with causal attention they cannot change a real position.
+    `prefix_len` > 0 (tokens every sequence starts with, e.g. the system prompt) runs that prefix once,
+    repeats its KV cache over the batch and returns the states of the positions after it only.
     """
     if not sequences:
         raise ValueError("no sequences to run")
-    if any(len(s) == 0 for s in sequences):
-        raise ValueError("empty sequence: every record has at least its prompt")
+    if any(len(s) <= prefix_len for s in sequences):
+        raise ValueError(f"every sequence needs a token after the shared prefix of {prefix_len}")
+    if prefix_len and any(list(s[:prefix_len]) != list(sequences[0][:prefix_len]) for s in sequences):
+        raise ValueError(f"the sequences do not share their first {prefix_len} tokens")
     picks = layer_indices(layer_keys)
-    width = max(len(s) for s in sequences)
+    width = max(len(s) for s in sequences) - prefix_len
     ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), prefix_len + width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        ids[row, : len(seq) - prefix_len] = torch.tensor(list(seq[prefix_len:]), dtype=torch.long)
         mask[row, : len(seq)] = 1
     device = _device(model)
+    backbone = _backbone(model)
+    kwargs: dict[str, Any] = {}
     with torch.inference_mode():
-        out = _backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               output_hidden_states=True, use_cache=False, return_dict=True)
+        if prefix_len:
+            prefix = torch.tensor([list(sequences[0][:prefix_len])], dtype=torch.long, device=device)
+            first = backbone(input_ids=prefix, use_cache=True, return_dict=True)
+            cache = first["cache"] if "cache" in first else first["past_key_values"]
+            cache.batch_repeat_interleave(len(sequences))
+            name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+            kwargs = {name: cache, "use_cache": True}
+        else:
+            kwargs = {"use_cache": False}
+        out = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                       return_dict=True, **kwargs)
         hidden = out.hidden_states
         if hidden is None:
             raise TypeError(f"{type(model).__name__} returned no hidden_states for output_hidden_states=True")
@@ -98,22 +115,27 @@ def teacher_forced_states(model: Any, sequences: Sequence[Sequence[int]],
         if too_deep:
             raise ValueError(f"layer key(s) {too_deep} reach below the first of the expert's {depth} layers")
         states = [hidden[i] for i in picks]
-        del out, hidden
+        del out, hidden, kwargs
     return states
 
 
 def extract_memories(model: Any, prompt_ids: Sequence[Sequence[int]], generated_ids: Sequence[Sequence[int]],
-                     config: CompressionConfig) -> Tensor:
+                     config: CompressionConfig, share_prefix: bool = True) -> Tensor:
     """Memories [B, K, S, H] (float32, on the model's device) of records given as prompt + generated tokens.
 
     `generated_ids` exclude the stop token; record b uses positions len(prompt_b) .. len(prompt_b) +
     L_b - 1, the positions whose input is a generated token. L_b = 0 gives one zero vector (METHOD.md).
+    With `share_prefix`, the prompt prefix common to the batch is encoded once (same numbers up to
+    float rounding, far less compute when every prompt starts with the same system prompt).
     """
     if len(prompt_ids) != len(generated_ids):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(generated_ids)} generations")
     sequences = [list(p) + list(g) for p, g in zip(prompt_ids, generated_ids, strict=True)]
-    spans = [(len(p), len(p) + len(g)) for p, g in zip(prompt_ids, generated_ids, strict=True)]
-    states = teacher_forced_states(model, sequences, config.layer_keys)
+    shared = 0
+    if share_prefix and len(sequences) > 1:
+        shared = min(shared_prefix_len(sequences), min(len(p) for p in prompt_ids))
+    spans = [(len(p) - shared, len(p) + len(g) - shared) for p, g in zip(prompt_ids, generated_ids, strict=True)]
+    states = teacher_forced_states(model, sequences, config.layer_keys, prefix_len=shared)
     return build_memories(states, spans, config.slots, config.pooling, config.temperature)
 
 
@@ -146,6 +168,7 @@ class MemoryJob:
         self.on_batch = on_batch
         self.bank: MemoryBank | None = None
         self.stats = JobStats()
+        self.done_at_open: set[int] = set()  # already banked when this run started (all ranks)
         self._metas: list[dict[str, Any]] = []
         self._memories: list[Tensor] = []
         self._bar: _Progress | None = None
@@ -154,6 +177,7 @@ class MemoryJob:
     def open(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
         self.bank = MemoryBank.open_for_writing(self.folder, self.schema, rank=rank)
         done = self.bank.done_indices()
+        self.done_at_open = done & set(self.backgrounds)
         lengths = {i: len(b["prompt_ids"]) + len(b["token_ids"]) for i, b in self.backgrounds.items()
                    if i not in done}
         if rank == 0 and done:

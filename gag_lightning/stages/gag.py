@@ -8,8 +8,11 @@ adapter (layer mix, projector, semantic head) trains, in fp32.
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +21,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from gag_lightning.errors import GAGError
-from gag_lightning.models.adapter import GAGAdapter, inject
+from gag_lightning.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GAGAdapter, inject, save_adapter
 from gag_lightning.models.losses import (
     DEFAULT_LOSS_WEIGHTS,
     IGNORE_INDEX,
@@ -29,6 +32,8 @@ from gag_lightning.models.losses import (
     semantic_loss,
 )
 from gag_lightning.stages.causal_lm import linear_warmup_schedule
+
+log = logging.getLogger(__name__)
 
 LOSS_PARTS = ("loss", "nll", "sem", "div")
 
@@ -102,7 +107,7 @@ class GAGModule(L.LightningModule):
                 self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._set_base_mode(False)
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in LOSS_PARTS})
-        self._window: dict[str, list[float]] = {}
+        self._window: dict[str, list[Tensor]] = {}
         self._last_logged_step = -1
 
     # ------------------------------------------------------------------ modes and checkpoints
@@ -145,17 +150,20 @@ class GAGModule(L.LightningModule):
         out, slots = self(batch["input_ids"], batch["attention_mask"], batch["memory"],
                           output_hidden_states=use_sem)
         labels = batch["labels"]
-        nll = answer_nll(out.logits, labels)
-        if a_nll == 0:
-            nll = nll.detach()
-        sem = None
-        if use_sem:
-            if "semantic_target" not in batch:
-                raise GAGError("loss_weights.sem > 0 but the batch has no semantic_target (no semantic encoder?)")
-            pooled = masked_mean(out.hidden_states[-1], batch["answer_mask"])
-            sem = semantic_loss(self.adapter.semantic(pooled), batch["semantic_target"])
-        div = diversity_loss(slots) if a_div > 0 else None
-        total, parts = gag_loss(nll, sem, div, self.weights)
+        # the losses in fp32 even under mixed precision: autocast would run bmm / matmul in bf16, which
+        # rounds a slot cosine of 0.998 to 1.0 and blurs the semantic cosine
+        with torch.autocast(device_type=slots.device.type, enabled=False):
+            nll = answer_nll(out.logits, labels)
+            if a_nll == 0:
+                nll = nll.detach()
+            sem = None
+            if use_sem:
+                if "semantic_target" not in batch:
+                    raise GAGError("loss_weights.sem > 0 but the batch has no semantic_target (no semantic encoder?)")
+                pooled = masked_mean(out.hidden_states[-1], batch["answer_mask"])
+                sem = semantic_loss(self.adapter.semantic(pooled), batch["semantic_target"])
+            div = diversity_loss(slots.float()) if a_div > 0 else None
+            total, parts = gag_loss(nll, sem, div, self.weights)
         parts = {"loss": parts.pop("total"), **parts}
         n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total, parts, n_tokens
@@ -164,12 +172,16 @@ class GAGModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         total, parts, _ = self.compute_losses(batch)
         for name, value in parts.items():
-            self._window.setdefault(name, []).append(float(value))
+            self._window.setdefault(name, []).append(value)
         return total
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.adapter.clamp_()  # after the step, as METHOD.md section 4 says
+
+    def on_train_start(self) -> None:
+        self._last_logged_step = self.trainer.global_step
+        self._window = {}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log once per optimizer step: the mean of that step's micro-batch values, and the layer mix."""
@@ -177,11 +189,10 @@ class GAGModule(L.LightningModule):
         if step == self._last_logged_step or not self._window:
             return
         self._last_logged_step = step
-        means = {f"train/{k}": sum(v) / len(v) for k, v in self._window.items()}
+        means = {f"train/{k}": torch.stack(v).float().mean() for k, v in self._window.items()}
         self._window = {}
-        self.log_dict(means, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
-        self.log("train/loss_step", means["train/loss"], on_step=True, on_epoch=False, prog_bar=True,
-                 logger=False, batch_size=1)
+        for name, value in means.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "train/loss", batch_size=1)
         if self.log_mix:
             self.log_dict(self.mix_metrics(), on_step=True, on_epoch=False, batch_size=1)
 
@@ -220,4 +231,67 @@ class GAGModule(L.LightningModule):
             )
 
 
-__all__ = ["GAGModule", "injected_embeddings", "loss_weights_tuple"]
+class AdapterCheckpoint(L.Callback):
+    """Keep two small adapters and nothing else: the best by ``monitor`` in ``out_dir`` and the final one in
+    ``out_dir/last``. ``keep="last"`` puts the final adapter in ``out_dir`` as well (no selection).
+
+    Without validation the final adapter is the result. ``consider`` lets the runner feed a validation
+    made after ``fit`` (the last step is not always a validation step).
+    """
+
+    def __init__(self, out_dir: str | Path, monitor: str = "val/loss", mode: str = "min", keep: str = "best") -> None:
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+        self.out_dir = Path(out_dir)
+        self.monitor = monitor
+        self.mode = mode
+        self.keep = keep
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.last_validated_step: int | None = None
+
+    def _save(self, trainer: L.Trainer, pl_module: GAGModule, folder: Path) -> None:
+        if trainer.is_global_zero:
+            save_adapter(pl_module.adapter, folder)
+        trainer.strategy.barrier("adapter_checkpoint")
+
+    def consider(self, trainer: L.Trainer, pl_module: GAGModule, value: float | None, step: int) -> bool:
+        """Save as best if ``value`` improves on the best so far; returns whether it did."""
+        self.last_validated_step = step
+        if value is None or math.isnan(value) or self.keep != "best":
+            return False
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_step = value, step
+            log.info("new best %s=%.4f at step %d: adapter -> %s", self.monitor, value, step, self.out_dir)
+            self._save(trainer, pl_module, self.out_dir)
+        return better
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: GAGModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        self.consider(trainer, pl_module, None if value is None else float(value), trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: GAGModule) -> None:
+        self._save(trainer, pl_module, self.out_dir / "last")
+        if self.best is None:  # no validation (or keep=last): the final adapter is the result
+            self._save(trainer, pl_module, self.out_dir)
+            self.best_step = trainer.global_step
+
+    @staticmethod
+    def size_bytes(folder: str | Path) -> int:
+        folder = Path(folder)
+        return sum((folder / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+                   if (folder / name).is_file())
+
+    def discard_last(self, final_step: int) -> bool:
+        """Drop ``last/`` when the kept adapter is the final step's (a byte-identical duplicate)."""
+        last = self.out_dir / "last"
+        if last.is_dir() and (self.best is None or self.best_step == final_step):
+            shutil.rmtree(last)
+            return True
+        return False
+
+
+__all__ = ["AdapterCheckpoint", "GAGModule", "injected_embeddings", "loss_weights_tuple"]

@@ -1,0 +1,145 @@
+"""Memory building throughput: batch 1 vs batch 16 on the same records and expert, and bytes on disk per record.
+
+    python bench/memory_build.py                      # tiny and smollm2, 32 records, the domain's max new tokens
+    python bench/memory_build.py --model smollm2 --records 64 --max-new-tokens 48 --batch-sizes 1 16 32
+
+For each batch size it runs the memory stage's own code (BackgroundJob -> BackgroundStore, MemoryJob ->
+MemoryBank) in a temporary folder and prints records/s and generated tokens/s for the generation step,
+the extraction step and both together, whether the backgrounds equal those of the first batch size, and
+the bank's bytes per record next to the K*S*H_e*2 floor of a float16 memory plus its JSON metadata.
+The reference release decodes one question at a time (METHOD.md section 8); the ratio column is the
+speed-up of batching on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Passive OpenMP waiting: on a shared or busy CPU, spinning worker threads slow decoding by 10x or more.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PROJECT_ROOT", str(REPO))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from gag_lightning.data.records import read_qa  # noqa: E402
+from gag_lightning.memory.background import BackgroundConfig, background_settings, generate_backgrounds  # noqa: E402
+from gag_lightning.memory.bank import BackgroundStore, MemoryBank  # noqa: E402
+from gag_lightning.memory.extract import CompressionConfig, build_memory_bank  # noqa: E402
+from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path  # noqa: E402
+from gag_lightning.pipeline.memory import memory_schema  # noqa: E402
+from gag_lightning.prompts import stop_token_ids  # noqa: E402
+
+
+def compose_cfg(model: str, domain: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train.yaml", overrides=[f"model={model}", f"domain={domain}", "stage=memory",
+                                                "paths.output_dir=" + tempfile.gettempdir()])
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    sizes = {"safetensors": 0, "jsonl": 0, "json": 0}
+    for path in folder.iterdir():
+        suffix = path.suffix.lstrip(".")
+        if path.is_file() and suffix in sizes:
+            sizes[suffix] += path.stat().st_size
+    return sizes
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
+    cfg = compose_cfg(name, args.domain)
+    t0 = time.perf_counter()
+    path = resolve_path(cfg.model.expert, args.cache_dir or cfg.paths.cache_dir)
+    model = load_causal_lm(path, "float32").eval()
+    tokenizer = load_tokenizer(path)
+    print(f"\n== {name}: {path} (loaded in {time.perf_counter() - t0:.1f}s), torch threads {torch.get_num_threads()}")
+    records = read_qa(args.data or cfg.domain.train)[: args.records]
+    generation = OmegaConf.to_container(cfg.memory.generation, resolve=True)
+    if args.max_new_tokens:
+        generation["max_new_tokens"] = args.max_new_tokens
+    args.max_new_tokens = generation["max_new_tokens"]
+    config = BackgroundConfig.from_mapping(generation, seed=int(cfg.seed))
+    compression = CompressionConfig(layer_keys=tuple(cfg.memory.compression.layer_keys),
+                                    slots=int(cfg.memory.compression.slots), dtype="float16")
+    stops = stop_token_ids(tokenizer, model.generation_config)
+    fingerprint = fingerprint_dir(path)
+    settings = background_settings(config, fingerprint, stops, split="bench")
+    hidden = int(model.config.hidden_size)
+    rows, reference = [], None
+    for batch in args.batch_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            gen = generate_backgrounds(model, tokenizer, records, tmp / "bg", settings, config, stops,
+                                       batch_size=batch, progress=not args.no_progress)
+            store = BackgroundStore.open(tmp / "bg")
+            backgrounds = store.read_all()
+            schema = memory_schema(fingerprint, hidden, compression, store.fingerprint)
+            ext = build_memory_bank(model, backgrounds, tmp / "bank", schema, compression, batch_size=batch,
+                                    progress=not args.no_progress)
+            n = len(MemoryBank.open(tmp / "bank"))
+            sizes = folder_bytes(tmp / "bank")
+        tokens = [b["token_ids"] for b in backgrounds]
+        reference = reference or tokens
+        same = sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens)
+        total_s = gen.seconds + ext.seconds
+        rows.append({
+            "model": name, "batch": batch, "records": n,
+            "gen_rec_s": gen.records / gen.seconds, "gen_tok_s": gen.tokens / gen.seconds,
+            "ext_rec_s": ext.records / ext.seconds, "total_rec_s": n / total_s, "total_s": total_s,
+            "mean_tokens": gen.tokens / max(gen.records, 1), "same_tokens": same,
+            "tensor_b": sizes["safetensors"] / n, "meta_b": (sizes["jsonl"] + sizes["json"]) / n,
+            "floor_b": len(compression.layer_keys) * compression.slots * hidden * 2,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", nargs="+", default=["tiny", "smollm2"], help="model presets (conf/model)")
+    parser.add_argument("--domain", default="demo")
+    parser.add_argument("--data", default=None, help="QA file (default: the domain's train split)")
+    parser.add_argument("--records", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the domain's background_max_new_tokens (48 for demo)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [row for name in args.model for row in bench_model(name, args)]
+    print(f"\n{args.records} records, max {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs")
+    head = (f"{'model':8} {'batch':>5} {'gen rec/s':>10} {'gen tok/s':>10} {'extract rec/s':>13} {'total rec/s':>11} "
+            f"{'x batch1':>8} {'tokens/rec':>10} {'same tokens':>11} {'bytes/rec':>9} {'tensor':>7} {'meta':>6} "
+            f"{'K*S*H*2':>8}")
+    print(head)
+    print("-" * len(head))
+    base: dict[str, float] = {}
+    for r in rows:
+        base.setdefault(r["model"], r["total_rec_s"])
+        print(f"{r['model']:8} {r['batch']:>5} {r['gen_rec_s']:>10.2f} {r['gen_tok_s']:>10.1f} {r['ext_rec_s']:>13.1f} "
+              f"{r['total_rec_s']:>11.2f} {r['total_rec_s'] / base[r['model']]:>8.2f} {r['mean_tokens']:>10.1f} "
+              f"{r['same_tokens']:>11.0%} {r['tensor_b'] + r['meta_b']:>9.0f} {r['tensor_b']:>7.0f} "
+              f"{r['meta_b']:>6.0f} {r['floor_b']:>8}")
+    print("bytes/rec = safetensors (tensor: memories + index + header) + JSON metadata (meta: id, question, answer, "
+          "background, lengths + schema); the float16 memory floor is K*S*H*2.")
+
+
+if __name__ == "__main__":
+    main()

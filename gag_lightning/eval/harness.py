@@ -1,0 +1,348 @@
+"""The evaluation harness: every system answers the same test questions through one decoding path.
+
+Systems (METHOD.md sections 5 and 7):
+
+* ``base``           - the base alone. Prompt: the domain instruction, ``GENERAL_REQUEST_TEXT`` ("Please
+                       answer the following question.") and the question. The GAG request text ("... based on
+                       the knowledge provided.") would refer to knowledge that is not there, so the base gets
+                       the general route's request (METHOD.md section 6) with the domain's instruction.
+* ``expert_context`` - the expert's generated background as text on the base prompt's "Knowledge:" line.
+* ``gag``            - the base prompt with S ``<GAG>`` slots carrying the record's memory.
+* ``gag_shuffled``   - the same, with memories permuted across records by a seeded derangement (no record
+                       keeps its own): if it scores like ``gag``, the slots carry style, not knowledge.
+* ``expert``         - optional: the SFT expert answering with its Stage II prompt.
+
+All of them call ``generate_batched`` with one ``DecodingConfig`` (METHOD.md section 8: the reference
+decoded its routes differently). Empty predictions are kept and scored 0 by the scorers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from gag_lightning.artifacts import atomic_write_text
+from gag_lightning.errors import GAGError
+from gag_lightning.eval.generation import DecodingConfig, Generation, generate_batched
+from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
+from gag_lightning.prompts import (
+    DEFAULT_REQUEST_TEXT,
+    GENERAL_REQUEST_TEXT,
+    context_user_text,
+    gag_user_text,
+    plain_user_text,
+    render_prompt,
+    sft_messages,
+    stop_token_ids,
+)
+
+SYSTEMS = ("base", "expert_context", "gag", "gag_shuffled", "expert")
+GAG_SYSTEMS = ("gag", "gag_shuffled")
+SCORE_KEYS = ("bertscore_f1", "sts", "em")
+
+
+class Scorer(Protocol):
+    def score(self, preds: Sequence[str], refs: Sequence[str]) -> list[float]: ...
+
+
+@dataclass
+class EvalItem:
+    """One test record: what every system is asked, and what it is scored against."""
+
+    id: str
+    question: str
+    reference: str
+    background: str = ""
+    instruction: str = ""
+    answers: list[str] | None = None  # gold answer list (general QA): enables has-answer EM
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded permutation ``p`` of ``range(n)`` with ``p[i] != i`` for every i (needs n >= 2).
+
+    Rejection sampling of uniform permutations: about e tries on average, and the result is uniform over
+    derangements (unlike a cyclic shift, which would pair neighbours in the file's order).
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 records, got {n}")
+    gen = torch.Generator().manual_seed(int(seed))
+    ar = torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if not bool((perm == ar).any()):
+            return perm.tolist()
+
+
+def items_from_metas(metas: Sequence[Mapping[str, Any]], instruction: str = "") -> list[EvalItem]:
+    """EvalItems from memory-bank metadata (id, question, answer, background; optional gold ``answers``)."""
+    from gag_lightning.data.gag import record_instruction
+
+    items = []
+    for meta in metas:
+        answers = meta.get("answers")
+        if isinstance(answers, str):
+            answers = [answers]
+        items.append(EvalItem(id=str(meta.get("id", meta.get("index"))), question=str(meta["question"]),
+                              reference=str(meta["answer"]), background=str(meta.get("background") or ""),
+                              instruction=record_instruction(meta, instruction),
+                              answers=list(answers) if isinstance(answers, list) else None))
+    return items
+
+
+class EvalHarness:
+    """Builds each system's prompts (and injection) and decodes them all with one ``DecodingConfig``."""
+
+    def __init__(
+        self,
+        base: Any,
+        tokenizer: Any,
+        decoding: DecodingConfig,
+        *,
+        adapter: Any = None,
+        gag_token_id: int | None = None,
+        memories: Tensor | None = None,
+        request_text: str = DEFAULT_REQUEST_TEXT,
+        base_request_text: str = GENERAL_REQUEST_TEXT,
+        expert: Any = None,
+        expert_tokenizer: Any = None,
+        shuffle_seed: int = 0,
+        enable_thinking: bool = False,
+    ) -> None:
+        self.base = base
+        self.tokenizer = tokenizer
+        self.decoding = decoding
+        self.adapter = adapter
+        self.gag_token_id = gag_token_id
+        self.memories = memories
+        self.request_text = request_text
+        self.base_request_text = base_request_text
+        self.expert = expert
+        self.expert_tokenizer = expert_tokenizer
+        self.shuffle_seed = shuffle_seed
+        self.enable_thinking = enable_thinking
+        self.stop_ids = stop_token_ids(tokenizer, getattr(base, "generation_config", None))
+        self.permutation: list[int] | None = None
+
+    # ------------------------------------------------------------------ prompts
+    def _encode(self, tokenizer: Any, content: str) -> list[int]:
+        text = render_prompt(tokenizer, [{"role": "user", "content": content}], self.enable_thinking)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def user_text(self, system: str, item: EvalItem) -> str:
+        if system == "base":
+            return plain_user_text(item.instruction, self.base_request_text, item.question)
+        if system == "expert_context":
+            return context_user_text(item.instruction, self.request_text, item.question, item.background.strip())
+        if system in GAG_SYSTEMS:
+            return gag_user_text(item.instruction, self.request_text, item.question, self.num_slots)
+        raise ValueError(f"unknown base-prompt system {system!r}")
+
+    def prompts(self, system: str, items: Sequence[EvalItem]) -> list[list[int]]:
+        if system == "expert":
+            tok = self.expert_tokenizer
+            return [tok(render_prompt(tok, sft_messages(it.instruction, it.question), self.enable_thinking),
+                        add_special_tokens=False)["input_ids"] for it in items]
+        return [self._encode(self.tokenizer, self.user_text(system, it)) for it in items]
+
+    @property
+    def num_slots(self) -> int:
+        if self.adapter is None:
+            raise GAGError("the gag systems need a trained adapter")
+        return int(self.adapter.config.slots)
+
+    def added_prompt_tokens(self, system: str, items: Sequence[EvalItem]) -> float:
+        """Prompt tokens a system adds to carry knowledge: S for GAG, the background's tokens for the
+        expert context, 0 for the systems without knowledge."""
+        if system in GAG_SYSTEMS:
+            return float(self.num_slots)
+        if system == "expert_context":
+            counts = [len(self.tokenizer(it.background.strip(), add_special_tokens=False)["input_ids"])
+                      for it in items]
+            return sum(counts) / max(len(counts), 1)
+        return 0.0
+
+    # ------------------------------------------------------------------ injection
+    def _embed_fn(self, rows_to_memory: list[int]):
+        from gag_lightning.stages.gag import injected_embeddings
+
+        base, adapter, memories, gag_id = self.base, self.adapter, self.memories, self.gag_token_id
+
+        def embed(ids: Tensor, mask: Tensor, rows: Sequence[int]) -> Tensor:
+            memory = memories[torch.tensor([rows_to_memory[r] for r in rows], dtype=torch.long)]
+            return injected_embeddings(base, adapter, ids, memory.float(), gag_id)[0]
+
+        return embed
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, system: str, items: Sequence[EvalItem]) -> list[Generation]:
+        if system not in SYSTEMS:
+            raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
+        prompts = self.prompts(system, items)
+        if system == "expert":
+            if self.expert is None:
+                raise GAGError("system 'expert' needs the SFT expert model")
+            stops = stop_token_ids(self.expert_tokenizer, getattr(self.expert, "generation_config", None))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
+                return generate_batched(self.expert, self.expert_tokenizer, prompts, self.decoding, stops)
+        embed_fn = None
+        if system in GAG_SYSTEMS:
+            if self.adapter is None or self.memories is None or self.gag_token_id is None:
+                raise GAGError(f"system {system!r} needs an adapter, the memories and the <GAG> token id")
+            if self.memories.shape[0] != len(items):
+                raise GAGError(f"{self.memories.shape[0]} memories for {len(items)} records")
+            if system == "gag":
+                mapping = list(range(len(items)))
+            else:
+                self.permutation = derangement(len(items), self.shuffle_seed)
+                mapping = self.permutation
+            embed_fn = self._embed_fn(mapping)
+        with warnings.catch_warnings():
+            # intended: prompts go in as embeddings, so penalties see only new tokens, for every system alike
+            warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
+            return generate_batched(self.base, self.tokenizer, prompts, self.decoding, self.stop_ids,
+                                    embed_fn=embed_fn)
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self, items: Sequence[EvalItem], systems: Sequence[str], scorers: Mapping[str, Scorer],
+            progress: Any = None) -> EvalResult:
+        """Decode and score every system; rows keep every prediction, empty ones scored 0."""
+        systems = list(systems)
+        if "gag_shuffled" in systems and len(items) < 2:
+            raise GAGError("gag_shuffled needs at least 2 test records (a derangement of their memories)")
+        rows: list[dict[str, Any]] = []
+        added: dict[str, float] = {}
+        refs = [it.reference for it in items]
+        for system in systems:
+            if progress is not None:
+                progress(system)
+            gens = self.generate(system, items)
+            preds = [g.text for g in gens]
+            scores = {name: scorer.score(preds, refs) for name, scorer in scorers.items()}
+            for i, (it, gen) in enumerate(zip(items, gens, strict=True)):
+                row = {"system": system, "id": it.id, "question": it.question, "reference": it.reference,
+                       "prediction": gen.text, "empty": is_empty_prediction(gen.text),
+                       "finished": gen.finished, "new_tokens": len(gen.token_ids)}
+                for name, values in scores.items():
+                    row[name] = 0.0 if row["empty"] else float(values[i])
+                if it.answers is not None:
+                    row["em"] = has_answer(gen.text, it.answers)
+                if system == "gag_shuffled" and self.permutation is not None:
+                    row["memory_of"] = items[self.permutation[i]].id
+                rows.append(row)
+            added[system] = self.added_prompt_tokens(system, items)
+        summary = summarize_scores(rows, metrics=SCORE_KEYS)
+        for system in systems:
+            summary[system]["added_prompt_tokens"] = added[system]
+            members = [r for r in rows if r["system"] == system]
+            summary[system]["finished_rate"] = sum(r["finished"] for r in members) / max(len(members), 1)
+            summary[system]["mean_new_tokens"] = sum(r["new_tokens"] for r in members) / max(len(members), 1)
+        settings = {"decoding": asdict(self.decoding), "stop_ids": self.stop_ids, "systems": systems,
+                    "shuffle_seed": self.shuffle_seed, "base_request_text": self.base_request_text,
+                    "request_text": self.request_text, "num_records": len(items)}
+        return EvalResult(rows, summary, settings)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * float(value):.2f}"
+
+
+def report_rows(summary: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table (x100 scores; EM only when some system has it)."""
+    with_em = any("em" in s for s in summary.values())
+    header = ["system", "BERTScore F1 x100", "STS x100"] + (["EM x100"] if with_em else []) + [
+        "empty", "added prompt tokens"]
+    rows = []
+    for system, s in summary.items():
+        row = [system, _pct(s.get("bertscore_f1")), _pct(s.get("sts"))]
+        if with_em:
+            row.append(_pct(s.get("em")))
+        row += [f"{s['n_empty']}/{s['n']}", f"{s.get('added_prompt_tokens', 0.0):.1f}"]
+        rows.append(row)
+    return header, rows
+
+
+def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
+    header, rows = report_rows(summary)
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Empty predictions are kept and scored 0. Added prompt tokens: S `<GAG>` slots for GAG, the "
+              "mean number of background tokens (base tokenizer) for the expert context."]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(summary: Mapping[str, Mapping[str, Any]], title: str = "evaluation") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = report_rows(summary)
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_outputs(out_dir: str | Path, result: EvalResult, title: str = "") -> dict[str, Path]:
+    """predictions.jsonl (one line per system and record), metrics.json, report.md; atomically each."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row in result.rows:
+        scores = {k: row[k] for k in SCORE_KEYS if k in row}
+        line = {k: v for k, v in row.items() if k not in SCORE_KEYS}
+        line["scores"] = scores
+        lines.append(json.dumps(line, ensure_ascii=False))
+    paths = {"predictions": out_dir / "predictions.jsonl", "metrics": out_dir / "metrics.json",
+             "report": out_dir / "report.md"}
+    atomic_write_text(paths["predictions"], "\n".join(lines) + "\n")
+    atomic_write_text(paths["metrics"], json.dumps({"systems": result.summary, "settings": result.settings},
+                                                   indent=2, ensure_ascii=False))
+    atomic_write_text(paths["report"], markdown_report(result.summary, title))
+    return paths
+
+
+def flat_metrics(summary: Mapping[str, Mapping[str, Any]], prefix: str = "eval") -> dict[str, float]:
+    """``eval/<system>/<metric>`` scalars for the loggers."""
+    out: dict[str, float] = {}
+    for system, s in summary.items():
+        for key in (*SCORE_KEYS, "n_empty", "n", "added_prompt_tokens", "finished_rate", "mean_new_tokens"):
+            if key in s and s[key] is not None:
+                out[f"{prefix}/{system}/{key}"] = float(s[key])
+    return out
+
+
+__all__ = [
+    "SYSTEMS",
+    "EvalHarness",
+    "EvalItem",
+    "EvalResult",
+    "derangement",
+    "flat_metrics",
+    "items_from_metas",
+    "markdown_report",
+    "print_report",
+    "report_rows",
+    "write_outputs",
+]

@@ -1,0 +1,164 @@
+"""Evaluation runner: all systems on the test split's memory bank, one run, one decoding path."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gag_lightning.artifacts import read_manifest, write_manifest
+from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.eval.generation import DecodingConfig
+from gag_lightning.memory.bank import MemoryBank
+from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
+from gag_lightning.pipeline.trainer import finish_loggers, make_loggers
+
+log = logging.getLogger(__name__)
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def decoding_config(cfg: DictConfig) -> DecodingConfig:
+    """The one DecodingConfig every system uses (greedy; METHOD.md section 5)."""
+    node = cfg.eval.decoding
+    return DecodingConfig(max_new_tokens=int(node.max_new_tokens), do_sample=False,
+                          repetition_penalty=float(node.repetition_penalty),
+                          no_repeat_ngram_size=int(node.no_repeat_ngram_size), batch_size=int(node.batch_size))
+
+
+def fit_chunk_size(model_dir: Any, wanted: int) -> int:
+    """The BERTScore chunk size: ``wanted`` word-pieces, or fewer if the encoder cannot take that many.
+
+    The spec's ~500 assumes a 512-position encoder; an encoder with a shorter window (the tiny test encoder
+    takes 256) gets chunks that fit it, with a warning, instead of an error at the end of a long run.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from gag_lightning.eval.metrics import _resolve_model_dir
+
+    path = _resolve_model_dir(model_dir, "BERTScore encoder", ("config.json",))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None) or 10**9
+    limit = min(int(min(tokenizer.model_max_length, 10**9)), int(positions))
+    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    if wanted + n_special > limit:
+        log.warning("BERTScore max_tokens=%d does not fit the encoder's %d positions; chunks of %d word-pieces",
+                    wanted, limit, limit - n_special)
+        return limit - n_special
+    return wanted
+
+
+def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    from gag_lightning.eval.metrics import ChunkedBERTScore, STSScorer
+    from gag_lightning.models.loading import resolve_path
+
+    enc = cfg.model.encoders
+    node = cfg.eval
+    dev = str(device)
+    bert_dir = resolve_path(enc.bertscore, cfg.paths.cache_dir)
+    return {
+        "bertscore_f1": ChunkedBERTScore(bert_dir, num_layers=int(node.bertscore.layer),
+                                         max_tokens=fit_chunk_size(bert_dir, int(node.bertscore.max_tokens)),
+                                         batch_size=int(node.bertscore.get("batch_size", 64)), device=dev),
+        "sts": STSScorer(resolve_path(enc.sts, cfg.paths.cache_dir),
+                         batch_size=int(node.sts.get("batch_size", 64)), device=dev),
+    }
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    from gag_lightning.data.gag import check_bank_against_adapter
+    from gag_lightning.eval.harness import (
+        SYSTEMS,
+        EvalHarness,
+        flat_metrics,
+        items_from_metas,
+        print_report,
+        write_outputs,
+    )
+    from gag_lightning.models.adapter import load_adapter
+    from gag_lightning.models.loading import load_causal_lm, load_tokenizer
+    from gag_lightning.pipeline.gag import base_identity, gag_adapter_dir, load_base, memory_bank_dir
+
+    node = cfg.eval
+    out_dir = artifact_dir(cfg, "eval")
+    manifest = read_manifest(out_dir)
+    title = f"{cfg.model.name} / {cfg.domain.name} / {node.split}"
+    if manifest is not None:
+        log.info("[eval] artifact already complete for this configuration: %s (skipping)", out_dir)
+        if manifest.get("summary"):
+            print_report(manifest["summary"], title)
+        return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
+    systems = list(node.systems)
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise GAGError(f"unknown eval system(s) {unknown}; choose from {list(SYSTEMS)}")
+    needs_gag = any(s in ("gag", "gag_shuffled") for s in systems)
+    bank_dir = memory_bank_dir(cfg, str(node.split), cfg.gag.get("memory_dir"))
+    adapter_dir = gag_adapter_dir(cfg, node.get("adapter")) if needs_gag else None
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    device = eval_device(cfg)
+
+    bank = MemoryBank.open(bank_dir)
+    metas = bank.metas()
+    memories = bank.memories(dtype=None)
+    if node.get("max_records"):
+        metas, memories = metas[: int(node.max_records)], memories[: int(node.max_records)]
+    items = items_from_metas(metas, cfg.domain.instruction)
+
+    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base.to(device)
+    adapter = None
+    if needs_gag:
+        adapter = load_adapter(adapter_dir, device=device)
+        adapter.eval()
+        check_bank_against_adapter(bank, adapter.config)
+        have, want = adapter.config.base_model, base_identity(base_dir)
+        if have and have != want:
+            raise SchemaMismatchError(f"adapter {adapter_dir} was trained on base {have}, this run's base is {want}; "
+                                      "evaluate with the base it was trained on or retrain the adapter")
+    expert = expert_tok = None
+    if "expert" in systems:
+        from gag_lightning.pipeline.expert import sft_expert_path
+
+        expert_dir = sft_expert_path(cfg)
+        expert_tok = load_tokenizer(expert_dir)
+        expert = load_causal_lm(expert_dir, cfg.hardware.get("base_dtype", "float32")).to(device).eval()
+
+    harness = EvalHarness(base, tokenizer, decoding_config(cfg), adapter=adapter, gag_token_id=gag_id,
+                          memories=memories, request_text=cfg.domain.request_text, expert=expert,
+                          expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
+                          enable_thinking=bool(node.get("enable_thinking", False)))
+    scorers = build_scorers(cfg, device)
+    result = harness.run(items, systems, scorers,
+                         progress=lambda s: log.info("[eval] %s: %d records", s, len(items)))
+    result.settings.update(bank=str(bank_dir), adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
+                           bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
+                           bertscore_layer=scorers["bertscore_f1"].num_layers)
+    paths = write_outputs(out_dir, result, title)
+    metrics = flat_metrics(result.summary)
+    loggers = make_loggers(cfg, "eval")
+    for logger in loggers:
+        logger.log_metrics(metrics, step=0)
+    finish_loggers(loggers)
+    print_report(result.summary, title)
+    write_manifest(out_dir, "eval", config=stage_key(cfg, "eval"),
+                   inputs={"bank": str(bank_dir), "adapter": str(adapter_dir) if adapter_dir else None,
+                           "base": str(base_dir)},
+                   metrics=metrics,
+                   extra={"summary": result.summary, "settings": result.settings,
+                          "outputs": {k: str(v) for k, v in paths.items()}, "run_dir": str(cfg.paths.output_dir),
+                          "stage_config": container(node)})
+    log.info("[eval] done: %s", paths["report"])
+    return {"artifact": str(out_dir), **metrics}
+
+
+__all__ = ["build_scorers", "decoding_config", "eval_device", "fit_chunk_size", "run_eval"]

@@ -1,0 +1,233 @@
+"""Stage III runner: memory bank + frozen base -> injection adapter (METHOD.md section 4).
+
+The artifact is the adapter alone (a few MB of safetensors + JSON naming the base and the memory
+schema) in ``artifact_dir(cfg, "gag")``; the base is never copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
+from gag_lightning.errors import MissingArtifactError, SchemaMismatchError
+from gag_lightning.models.adapter import (
+    AdapterConfig,
+    GAGAdapter,
+    add_gag_token,
+    ensure_embedding_size,
+    load_adapter,
+)
+from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
+from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def memory_root(cfg: DictConfig, override: str | None = None) -> Path:
+    """The memory artifact folder (holding one bank per split): an explicit path or this config's artifact."""
+    if override:
+        folder = Path(str(override)).expanduser()
+        if not folder.is_dir():
+            raise MissingArtifactError(f"memory folder {folder} (given explicitly) does not exist")
+        return folder
+    folder = artifact_dir(cfg, "memory")
+    require_artifact(folder, "memory", hint=(
+        f"Run `python train.py stage=memory model={cfg.model.name} domain={cfg.domain.name}` first (same "
+        "overrides), or give the folder of an existing memory artifact with gag.memory_dir=/path."))
+    return folder
+
+
+def memory_bank_dir(cfg: DictConfig, split: str, override: str | None = None) -> Path:
+    folder = memory_root(cfg, override) / split
+    if not (folder / "schema.json").is_file():
+        raise MissingArtifactError(
+            f"the memory artifact has no bank for split '{split}' ({folder}); add it to memory.splits "
+            f"(currently {list(cfg.memory.splits)}) and rerun the memory stage"
+        )
+    return folder
+
+
+def expected_schema(cfg: DictConfig) -> dict[str, Any]:
+    """What the configured compression promises about the bank (checked when it is opened)."""
+    comp = cfg.memory.compression
+    return {"slots": int(comp.slots), "layer_keys": list(comp.layer_keys)}
+
+
+def base_identity(base_dir: Path) -> str:
+    """``<dir name>@<fingerprint>``: recorded in the adapter so evaluation can refuse another base."""
+    return f"{base_dir.name}@{fingerprint_dir(base_dir)}"
+
+
+def weights_bytes(folder: Path) -> int:
+    """On-disk size of a model directory's weight files."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in folder.glob(pattern))
+
+
+def load_base(cfg: DictConfig) -> tuple[Any, Any, int, Path]:
+    """(frozen base in hardware.base_dtype, tokenizer with <GAG>, <GAG> id, base directory)."""
+    base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(base_dir)
+    gag_id = add_gag_token(tokenizer)
+    base = load_causal_lm(base_dir, cfg.hardware.get("base_dtype", "float32"))
+    ensure_embedding_size(base, tokenizer)
+    base.requires_grad_(False)
+    base.eval()
+    return base, tokenizer, gag_id, base_dir
+
+
+def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, semantic_dim: int | None) -> AdapterConfig:
+    node = cfg.gag.adapter
+    return AdapterConfig(
+        expert_hidden=schema.hidden_size,
+        base_hidden=int(base.get_input_embeddings().embedding_dim),
+        slots=schema.slots,
+        layers=len(schema.layer_keys),
+        layer_keys=list(schema.layer_keys),
+        fusion=str(node.fusion),
+        layer_index=int(node.get("layer_index", 0)),
+        projector=str(node.projector),
+        projector_hidden=node.get("projector_hidden"),
+        semantic_dim=semantic_dim,
+        slot_dropout=float(node.get("slot_dropout", 0.0)),
+        base_model=base_identity(base_dir),
+        memory_schema=schema.to_dict(),
+    )
+
+
+def _resume_adapter(path: str, config: AdapterConfig) -> GAGAdapter:
+    """An adapter saved earlier (learned layer mix included) to continue from; must fit this run."""
+    adapter = load_adapter(path)
+    have = adapter.config
+    diffs = [name for name in ("expert_hidden", "base_hidden", "slots", "layers", "layer_keys", "fusion",
+                               "projector") if getattr(have, name) != getattr(config, name)]
+    if config.semantic_dim and have.semantic_dim != config.semantic_dim:
+        diffs.append("semantic_dim")
+    if diffs:
+        raise SchemaMismatchError(
+            f"gag.init_adapter={path} does not fit this run: {', '.join(diffs)} differ "
+            f"({ {n: (getattr(have, n), getattr(config, n)) for n in diffs} })"
+        )
+    if have.base_model and config.base_model and have.base_model != config.base_model:
+        log.warning("init adapter was trained on base %s, this run uses %s", have.base_model, config.base_model)
+    have.base_model, have.memory_schema = config.base_model, config.memory_schema
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run_gag(cfg: DictConfig) -> dict[str, Any]:
+    from gag_lightning.data.gag import GAGDataModule
+    from gag_lightning.models.encoders import SemanticTargetEncoder
+    from gag_lightning.stages.gag import AdapterCheckpoint, GAGModule, loss_weights_tuple
+
+    node = cfg.gag
+    out_dir = artifact_dir(cfg, "gag")
+    manifest = read_manifest(out_dir)
+    if manifest is not None:
+        log.info("[gag] artifact already complete for this configuration: %s (skipping)", out_dir)
+        return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
+    mem_override = node.get("memory_dir")
+    train_bank = memory_bank_dir(cfg, node.get("train_split", "train"), mem_override)
+    val_source = str(node.get("val_source", "split"))
+    val_bank = memory_bank_dir(cfg, node.get("val_split", "test"), mem_override) if val_source == "test" else None
+    if out_dir.exists():  # an interrupted earlier attempt (no manifest): nothing in it is trusted
+        shutil.rmtree(out_dir)
+
+    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    weights = loss_weights_tuple(container(node.loss_weights))
+    encoder = None
+    if weights[1] > 0:
+        spec = cfg.model.encoders.semantic
+        encoder = SemanticTargetEncoder(resolve_path(spec, cfg.paths.cache_dir), int(spec.get("max_length", 512)))
+    datamodule = GAGDataModule(
+        train_bank, tokenizer, instruction=cfg.domain.instruction, request_text=cfg.domain.request_text,
+        val_bank=val_bank, val_source=val_source, val_fraction=float(node.get("val_fraction", 0.05)),
+        max_length=int(node.max_length), batch_size=int(node.batch_size),
+        eval_batch_size=int(node.get("eval_batch_size", 8)), num_workers=int(node.get("num_workers", 0)),
+        seed=cfg.seed, max_train_records=node.get("max_train_records"),
+        max_val_records=node.get("max_val_records"), enable_thinking=bool(node.get("enable_thinking", False)),
+        semantic_encoder=encoder, expect=expected_schema(cfg),
+    )
+    schema = datamodule.schema
+    # seeded here, after every model load: building a cached tiny model re-seeds the global RNG
+    L.seed_everything(cfg.seed, workers=True)
+    config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None)
+    init = node.get("init_adapter")
+    adapter = _resume_adapter(str(init), config) if init else GAGAdapter(config)
+    datamodule.check_adapter(adapter.config)
+    datamodule.setup("fit")
+    del encoder
+    datamodule.semantic_encoder = None  # targets are precomputed; free the encoder
+
+    module = GAGModule(base, adapter, gag_id, loss_weights=weights, lr=float(node.lr),
+                       warmup_ratio=float(node.warmup_ratio), weight_decay=float(node.weight_decay),
+                       gradient_checkpointing=bool(node.get("gradient_checkpointing", False)))
+    has_val = "val" in datamodule.sets
+    keep = str(node.get("checkpoint", "best")) if has_val else "last"
+    ckpt = AdapterCheckpoint(out_dir, monitor="val/loss", keep=keep)
+    loggers = make_loggers(cfg, "gag")
+    accum = int(node.trainer.get("accumulate_grad_batches", 1) or 1)
+    overrides: dict[str, Any] = {}
+    if has_val:
+        overrides.update(val_check_interval=max(1, int(node.get("val_every_n_steps", 50))) * accum,
+                         check_val_every_n_epoch=None)
+    else:
+        overrides.update(limit_val_batches=0)
+    trainer = build_trainer(cfg, "gag", [ckpt], loggers, **overrides)
+    # the frozen base is in eval mode on purpose (GAGModule.train keeps it there)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    trainer.fit(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if has_val and ckpt.last_validated_step != trainer.global_step:
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics.update({k: float(v) for k, v in final.items()})
+        ckpt.consider(trainer, module, final.get("val/loss"), trainer.global_step)
+    if ckpt.best is not None:
+        metrics["best_val/loss"] = ckpt.best
+    finish_loggers(loggers)
+    ckpt.discard_last(trainer.global_step)
+    adapter_bytes = AdapterCheckpoint.size_bytes(out_dir)
+    base_bytes = weights_bytes(base_dir)
+    metrics.update(adapter_bytes=adapter_bytes, base_bytes=base_bytes,
+                   adapter_to_base=adapter_bytes / base_bytes if base_bytes else float("nan"),
+                   adapter_parameters=sum(p.numel() for p in adapter.parameters()),
+                   train_records=len(datamodule.sets["train"]),
+                   val_records=len(datamodule.sets["val"]) if has_val else 0)
+    metrics.update({k: float(v) for k, v in module.mix_metrics().items()})
+    if trainer.is_global_zero:
+        write_manifest(out_dir, "gag", config=stage_key(cfg, "gag"),
+                       inputs={"train_bank": str(train_bank), "val_bank": str(val_bank) if val_bank else None,
+                               "memory_schema": schema.to_dict(), "base": str(base_dir),
+                               "base_model": config.base_model, "init_adapter": str(init) if init else None},
+                       metrics=metrics,
+                       extra={"kept": keep, "best_step": ckpt.best_step, "global_step": trainer.global_step,
+                              "run_dir": str(cfg.paths.output_dir), "stage_config": container(node)})
+    log.info("[gag] done: %s (adapter %.2f MB = %.2f%% of the base's %.1f MB; %s written last)", out_dir,
+             adapter_bytes / 2**20, 100 * adapter_bytes / max(base_bytes, 1), base_bytes / 2**20, MANIFEST)
+    return {"artifact": str(out_dir), **metrics}
+
+
+def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
+    """The trained adapter for this config (what the eval stage reads), or an explicit folder."""
+    if override:
+        folder = Path(str(override)).expanduser()
+        if not folder.is_dir():
+            raise MissingArtifactError(f"adapter folder {folder} (given explicitly) does not exist")
+        return folder
+    folder = artifact_dir(cfg, "gag")
+    require_artifact(folder, "gag", hint=(
+        f"Run `python train.py stage=gag model={cfg.model.name} domain={cfg.domain.name}` first (same "
+        "overrides), or give a trained adapter folder with eval.adapter=/path."))
+    return folder
+
+
+__all__ = ["base_identity", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
+           "weights_bytes"]

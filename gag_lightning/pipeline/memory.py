@@ -1,0 +1,350 @@
+"""The memory stage runner: backgrounds then memory banks for each split, through Lightning's predict loop.
+
+Layout (both folders keyed by the hash of everything that determines them, see `pipeline.keys`):
+
+    <artifacts>/<model>/<domain>/backgrounds-<hash>/<split>/   BackgroundStore (schema.json, backgrounds-rRRR.jsonl)
+    <artifacts>/<model>/<domain>/backgrounds-<hash>/manifest.json
+    <artifacts>/<model>/<domain>/memory-<hash>/<split>/        MemoryBank (schema.json, shard-rRRR-NNNNNN.*)
+    <artifacts>/<model>/<domain>/memory-<hash>/manifest.json
+
+The memory key includes the backgrounds key, so another S / pooling / layer set gets a new memory
+folder and reuses the backgrounds. Every step runs as a job (`open / run_batch / close`) inside
+`trainer.predict`: on one device that is a plain loop; under DDP each rank takes a round-robin share
+of the pending records (no padding duplicates), writes its own files, and the readers merge them by
+record index. Manifests are written last, by rank 0, after all ranks have finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
+from gag_lightning.data.records import QARecord, read_qa
+from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.memory.background import BackgroundConfig, BackgroundJob, background_settings
+from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBank, MemorySchema
+from gag_lightning.memory.extract import CompressionConfig, MemoryJob
+from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.pipeline.expert import sft_expert_path
+from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, stage_key
+from gag_lightning.pipeline.trainer import trainer_kwargs
+from gag_lightning.prompts import stop_token_ids
+
+__all__ = ["JobDataModule", "JobModule", "memory_expert_path", "memory_schema", "run_memory"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- Lightning glue
+
+
+def _first(items: list[Any]) -> Any:
+    return items[0]
+
+
+class JobDataModule(L.LightningDataModule):
+    """Plans a job on each rank: every rank reads what is done, then all agree before anyone writes."""
+
+    def __init__(self, job: Any) -> None:
+        super().__init__()
+        self.job = job
+        self.batches: list[list[int]] = []
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        strategy.barrier("gag-memory-plan")  # the previous job's files are complete on every rank
+        self.batches = self.job.open(self.trainer.global_rank, self.trainer.world_size)
+        strategy.barrier("gag-memory-planned")  # nobody writes before every rank has planned
+
+    def predict_dataloader(self) -> DataLoader:
+        # one item = one planned batch of record indices; the plan already holds this rank's share
+        return DataLoader(self.batches, batch_size=1, shuffle=False, num_workers=0, collate_fn=_first)
+
+
+class JobModule(L.LightningModule):
+    """Runs the current job's batches on the expert; nothing is returned, every batch is written by the job."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.job: Any = None
+
+    def predict_step(self, batch: list[int], batch_idx: int) -> None:
+        self.job.run_batch(self.model, batch)
+
+
+class _Runner:
+    """One Trainer and one expert for every job of the stage (DDP processes are launched once)."""
+
+    def __init__(self, cfg: DictConfig, expert_path: Path, model_dtype: str) -> None:
+        self.cfg = cfg
+        self.expert_path = expert_path
+        self.model_dtype = model_dtype
+        self.trainer: L.Trainer | None = None
+        self.module: JobModule | None = None
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+    def run(self, job: Any) -> tuple[Any, float]:
+        if self.trainer is None:
+            kwargs = trainer_kwargs(self.cfg, self.cfg.memory.get("trainer"))
+            self.trainer = L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                     enable_model_summary=False, use_distributed_sampler=False,
+                                     default_root_dir=str(Path(self.cfg.paths.output_dir) / "memory"))
+            model = load_causal_lm(self.expert_path, self.model_dtype)
+            model.eval()
+            self.module = JobModule(model)
+        assert self.module is not None
+        self.module.job = job
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():  # every batch is written by the job, so predict returns None on purpose
+                warnings.filterwarnings("ignore", message=".*predict returned None.*")
+                self.trainer.predict(self.module, datamodule=JobDataModule(job), return_predictions=False)
+        except BaseException:
+            job.close(flush=False)
+            raise
+        stats = job.close()
+        self.trainer.strategy.barrier("gag-memory-job-done")
+        return stats, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def memory_expert_path(cfg: DictConfig) -> Path:
+    """The expert that writes the backgrounds: the sft (default) or dapt artifact, the preset's model, or a path."""
+    spec = cfg.memory.get("expert", "sft")
+    if spec == "sft":
+        return sft_expert_path(cfg)
+    if spec == "dapt":
+        folder = artifact_dir(cfg, "dapt")
+        require_artifact(folder, "dapt", hint=(
+            f"Run `python train.py stage=dapt model={cfg.model.name} domain={cfg.domain.name}` first (same overrides)."))
+        return folder
+    if spec in (None, "base"):
+        return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
+    path = Path(str(spec))
+    if not (path / "config.json").is_file():
+        raise GAGError(f"memory.expert={spec}: not a Hugging Face model directory (no config.json); use sft, dapt, "
+                       f"base or a model directory")
+    return path
+
+
+def _split_files(cfg: DictConfig) -> dict[str, Path]:
+    splits = list(cfg.memory.splits)
+    if not splits:
+        raise GAGError("memory.splits is empty; name at least one QA split of the domain (train, test, ...)")
+    files = {}
+    for split in splits:
+        path = cfg.domain.get(split)
+        if path is None:
+            raise GAGError(f"memory.splits names '{split}' but domain.{split} is not set; give its QA file with "
+                           f"`domain.{split}=/path/file.jsonl` (or `+domain.{split}=...` for a new key)")
+        if not Path(str(path)).is_file():
+            raise GAGError(f"domain.{split}={path}: no such file")
+        files[str(split)] = Path(str(path))
+    return files
+
+
+def _hidden_size(expert_path: Path) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(expert_path))
+    size = getattr(config, "hidden_size", None)
+    if size is None and hasattr(config, "get_text_config"):
+        size = getattr(config.get_text_config(), "hidden_size", None)
+    if size is None:
+        raise GAGError(f"{expert_path}/config.json has no hidden_size; cannot size the memory bank")
+    return int(size)
+
+
+def _generation_config(expert_path: Path) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(expert_path))
+    except OSError:
+        return None
+
+
+def memory_schema(expert_fingerprint: str, hidden_size: int, compression: CompressionConfig,
+                  background_fingerprint: str) -> MemorySchema:
+    return MemorySchema(expert_fingerprint=expert_fingerprint, layer_keys=list(compression.layer_keys),
+                        slots=int(compression.slots), hidden_size=hidden_size, pooling=compression.pooling,
+                        temperature=float(compression.temperature), dtype=compression.dtype,
+                        background_fingerprint=background_fingerprint)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _background_metrics(store: BackgroundStore, records: list[QARecord], generated_before: set[int],
+                        seconds: float | None) -> dict[str, Any]:
+    wanted = {r.index for r in records}
+    rows = [r for r in store.read_all() if r["index"] in wanted]
+    missing = sorted(wanted - {r["index"] for r in rows})
+    if missing:
+        raise GAGError(f"background store {store.folder} lacks {len(missing)} record(s) (e.g. index {missing[0]}) "
+                       "after generation; rerun the stage to finish it")
+    lengths = [len(r["token_ids"]) for r in rows]
+    new = [r for r in rows if r["index"] not in generated_before]
+    out: dict[str, Any] = {
+        "records": len(rows),
+        "empty_questions": sum(1 for r in records if not r.question.strip()),
+        "empty_backgrounds": sum(1 for n in lengths if n == 0),
+        "finished_fraction": sum(1 for r in rows if r["finished"]) / len(rows),
+        "mean_generated_tokens": sum(lengths) / len(rows),
+        "generated_this_run": len(new),
+    }
+    if seconds and new:
+        out["records_per_s"] = len(new) / seconds
+        out["tokens_per_s"] = sum(len(r["token_ids"]) for r in new) / seconds
+    return out
+
+
+def _bank_metrics(bank: MemoryBank, records: list[QARecord], made_before: set[int], seconds: float | None,
+                  tokens: int) -> dict[str, Any]:
+    indices = bank.indices()
+    wanted = sorted(r.index for r in records)
+    if indices != wanted:
+        missing = sorted(set(wanted) - set(indices))
+        raise GAGError(f"memory bank {bank.folder} holds {len(indices)} records, expected {len(wanted)} "
+                       f"(missing e.g. {missing[:5]}); rerun the stage to finish it")
+    sizes = {"safetensors": 0, "jsonl": 0, "json": 0}
+    for path in bank.folder.iterdir():
+        suffix = path.suffix.lstrip(".")
+        if path.is_file() and suffix in sizes and path.name != MANIFEST:
+            sizes[suffix] += path.stat().st_size
+    n = len(indices)
+    k, s, h = bank.schema.shape
+    itemsize = STORAGE_DTYPES[bank.schema.dtype].itemsize
+    new = n - len(made_before & set(wanted))
+    out: dict[str, Any] = {
+        "records": n,
+        "bytes_per_record": sum(sizes.values()) / n,
+        "tensor_bytes_per_record": sizes["safetensors"] / n,
+        "metadata_bytes_per_record": (sizes["jsonl"] + sizes["json"]) / n,
+        "memory_floor_bytes_per_record": k * s * h * itemsize,
+        "extracted_this_run": new,
+    }
+    if seconds and new:
+        out["records_per_s"] = new / seconds
+        out["tokens_per_s"] = tokens / seconds
+    return out
+
+
+def _flatten(per_split: dict[str, dict[str, Any]], prefix: str = "") -> dict[str, Any]:
+    return {f"{prefix}{split}/{k}": v for split, metrics in per_split.items() for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_memory(cfg: DictConfig) -> dict[str, Any]:
+    """Backgrounds (step 1) and memory banks (step 2) for every split in `memory.splits`; resumable, skippable."""
+    bg_root, mem_root = artifact_dir(cfg, "backgrounds"), artifact_dir(cfg, "memory")
+    bg_manifest, mem_manifest = read_manifest(bg_root), read_manifest(mem_root)
+    expert_path = memory_expert_path(cfg)
+    expert_fp = fingerprint_dir(expert_path)
+    for manifest, root in ((bg_manifest, bg_root), (mem_manifest, mem_root)):
+        if manifest is not None and manifest["inputs"].get("expert_fingerprint") != expert_fp:
+            raise SchemaMismatchError(
+                f"{root} was built by another expert ({manifest['inputs'].get('expert_fingerprint')}, now {expert_fp} "
+                f"at {expert_path}); delete {root} to rebuild it with the current expert")
+    if bg_manifest is not None and mem_manifest is not None:
+        log.info("[memory] artifacts already complete for this configuration: %s, %s (skipping)", bg_root, mem_root)
+        return {"artifact": str(mem_root), "backgrounds": str(bg_root), "skipped": True,
+                **_flatten_prefixed(bg_manifest["metrics"], "backgrounds/"), **mem_manifest["metrics"]}
+
+    files = _split_files(cfg)
+    records = {split: read_qa(path) for split, path in files.items()}
+    tokenizer = load_tokenizer(expert_path)
+    stop_ids = stop_token_ids(tokenizer, _generation_config(expert_path))
+    generation = container(cfg.memory.generation)
+    model_dtype = str(generation.get("model_dtype") or cfg.model.dtype)
+    bg_config = BackgroundConfig.from_mapping(generation, seed=int(cfg.seed))
+    compression = CompressionConfig.from_mapping(container(cfg.memory.compression))
+    if compression.dtype not in STORAGE_DTYPES:
+        raise GAGError(f"memory.compression.dtype={compression.dtype}; choose one of {', '.join(STORAGE_DTYPES)}")
+    settings = {split: background_settings(bg_config, expert_fp, stop_ids, split=split, data=file_digest(path),
+                                           model_dtype=model_dtype)
+                for split, path in files.items()}
+    progress = bool(cfg.memory.get("progress", True))
+    runner = _Runner(cfg, expert_path, model_dtype)
+    log.info("[memory] expert %s (%s); backgrounds -> %s; memory -> %s", expert_path, expert_fp, bg_root, mem_root)
+
+    # step 1: backgrounds
+    if bg_manifest is None:
+        bg_metrics: dict[str, dict[str, Any]] = {}
+        for split in files:
+            job = BackgroundJob(tokenizer, records[split], bg_root / split, settings[split], bg_config, stop_ids,
+                                batch_size=int(cfg.memory.generation_batch_size), progress=progress,
+                                desc=f"backgrounds[{split}]")
+            _, seconds = runner.run(job)
+            if runner.is_global_zero:
+                store = BackgroundStore.open(bg_root / split, expect=settings[split])
+                bg_metrics[split] = _background_metrics(store, records[split], job.done_at_open, seconds)
+                log.info("[memory] backgrounds[%s]: %s", split, _fmt(bg_metrics[split]))
+        if runner.is_global_zero:
+            write_manifest(bg_root, "backgrounds", config=stage_key(cfg, "backgrounds"),
+                           inputs=_inputs(expert_path, expert_fp, files), metrics=_flatten(bg_metrics),
+                           extra={"settings": settings, "run_dir": str(cfg.paths.output_dir)})
+        bg_flat = _flatten(bg_metrics)
+    else:
+        log.info("[memory] backgrounds already complete: %s (reusing)", bg_root)
+        for split in files:
+            BackgroundStore.open(bg_root / split, expect=settings[split])
+        bg_flat = dict(bg_manifest["metrics"])
+
+    # step 2: memory banks
+    hidden_size = _hidden_size(expert_path)
+    mem_metrics: dict[str, dict[str, Any]] = {}
+    for split in files:
+        store = BackgroundStore.open(bg_root / split, expect=settings[split])
+        wanted = {r.index for r in records[split]}
+        backgrounds = [b for b in store.read_all() if b["index"] in wanted]
+        schema = memory_schema(expert_fp, hidden_size, compression, store.fingerprint)
+        job = MemoryJob(backgrounds, mem_root / split, schema, compression,
+                        batch_size=int(cfg.memory.extraction_batch_size), shard_size=int(cfg.memory.shard_size),
+                        progress=progress, desc=f"memories[{split}]")
+        _, seconds = runner.run(job)
+        if runner.is_global_zero:
+            bank = MemoryBank.open(mem_root / split)
+            done_before = job.done_at_open
+            tokens = sum(len(b["token_ids"]) for b in backgrounds if b["index"] not in done_before)
+            mem_metrics[split] = _bank_metrics(bank, records[split], done_before, seconds, tokens)
+            log.info("[memory] memories[%s]: %s", split, _fmt(mem_metrics[split]))
+    metrics = _flatten(mem_metrics)
+    if runner.is_global_zero:
+        write_manifest(mem_root, "memory", config=stage_key(cfg, "memory"),
+                       inputs={**_inputs(expert_path, expert_fp, files), "backgrounds": str(bg_root)},
+                       metrics=metrics,
+                       extra={"schema": {s: MemoryBank.open(mem_root / s).schema.to_dict() for s in files},
+                              "splits": list(files), "run_dir": str(cfg.paths.output_dir)})
+        log.info("[memory] done: %s (%s written last)", mem_root, MANIFEST)
+    return {"artifact": str(mem_root), "backgrounds": str(bg_root), **_flatten_prefixed(bg_flat, "backgrounds/"),
+            **metrics}
+
+
+def _flatten_prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def _inputs(expert_path: Path, expert_fp: str, files: dict[str, Path]) -> dict[str, Any]:
+    return {"expert": str(expert_path), "expert_fingerprint": expert_fp,
+            "data": {split: {"path": str(path), "sha256_16": file_digest(path)} for split, path in files.items()}}
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

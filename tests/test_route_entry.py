@@ -1,0 +1,189 @@
+"""route.py end to end with the tiny encoder: report files, bank reuse, foreign banks refused, plug-and-play."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.routing.prototypes import PrototypeBank
+from gag_lightning.routing.run import answering_available, route_specs, run
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> dict:
+    """One real `python route.py experiment=smoke` (the entry point, in a subprocess); tests reuse its banks."""
+    tmp = tmp_path_factory.mktemp("route")
+    artifacts, out = tmp / "artifacts", tmp / "out"
+    cmd = [
+        sys.executable,
+        str(ROOT / "route.py"),
+        "experiment=smoke",
+        "print_config=false",
+        f"paths.artifacts={artifacts}",
+        f"paths.cache_dir={ROOT / '.cache'}",
+        f"hydra.run.dir={out}",
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"artifacts": artifacts, "out": out, "stdout": proc.stdout + proc.stderr, "seconds": seconds}
+
+
+def _cfg(compose_cfg, smoke_run, *overrides: str):  # type: ignore[no-untyped-def]
+    return compose_cfg(["experiment=smoke", f"paths.artifacts={smoke_run['artifacts']}", *overrides], "route")
+
+
+def _bank_files(artifacts: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(artifacts.rglob("*")) if p.is_file()}
+
+
+def test_smoke_entry_point_writes_report_routes_and_banks(smoke_run) -> None:
+    assert smoke_run["seconds"] < 120
+    out = smoke_run["out"]
+    report = json.loads((out / "routing_report.json").read_text())
+    assert report["n"] == 120 and 0.0 <= report["micro_accuracy"] <= 1.0
+    assert set(report["per_route_accuracy"]) == {"general", "demo"}
+    assert report["confusion"]["labels"] == ["general", "demo"]
+    assert sum(map(sum, report["confusion"]["matrix"])) == 120
+    assert report["queries_per_s"] > 0
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "routes.jsonl").read_text().splitlines()]
+    assert len(rows) == 120
+    assert {"question", "dataset_name", "gold", "pred", "scores"} <= set(rows[0])
+    assert {r["gold"] for r in rows} == {"general", "demo"}
+    assert sum(r["gold"] == r["pred"] for r in rows) == report["correct"]
+    assert "routing micro accuracy" in smoke_run["stdout"] and "queries/s" in smoke_run["stdout"]
+    # one encoder folder holding one bank folder per route, each finished by its manifest
+    (enc_dir,) = [p for p in (smoke_run["artifacts"] / "router").iterdir() if p.is_dir()]
+    banks = sorted(p.name.rsplit("-", 1)[0] for p in enc_dir.iterdir() if p.is_dir())
+    assert banks == ["demo", "general"]
+    for p in enc_dir.iterdir():
+        if p.is_dir():
+            assert {"manifest.json", "bank.json", "prototypes.safetensors"} <= {f.name for f in p.iterdir()}
+
+
+def test_second_run_reuses_banks(compose_cfg, smoke_run) -> None:
+    before = _bank_files(smoke_run["artifacts"])
+    result = run(_cfg(compose_cfg, smoke_run))
+    assert {n: b["built"] for n, b in result["banks"].items()} == {"general": False, "demo": False}
+    assert _bank_files(smoke_run["artifacts"]) == before
+    first = json.loads((smoke_run["out"] / "routing_report.json").read_text())
+    assert result["micro_accuracy"] == pytest.approx(first["micro_accuracy"])
+
+
+def _foreign_bank(domain: str, dim: int) -> PrototypeBank:
+    p = F.normalize(torch.randn(4, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    return PrototypeBank(
+        domain,
+        p,
+        "sentence_transformer|name=other|pool=mean|max_len=64|w=000000000000",
+        dim=dim,
+        k=4,
+        pool_size=40,
+    )
+
+
+def test_bank_from_another_encoder_is_refused(compose_cfg, smoke_run, tmp_path) -> None:
+    dim = PrototypeBank.load(next((smoke_run["artifacts"] / "router").glob("*/demo-*"))).dim
+    # 1) a prebuilt bank given explicitly for a route
+    folder = _foreign_bank("demo", dim).save(tmp_path / "foreign")
+    cfg = _cfg(
+        compose_cfg, smoke_run, f"router.domains.current.bank={folder}", "router.domains.current.pool=null"
+    )
+    with pytest.raises(SchemaMismatchError, match="another encoder"):
+        run(cfg)
+    # 2) a foreign bank copied into the folder reserved for this encoder
+    art = tmp_path / "artifacts"
+    shutil.copytree(smoke_run["artifacts"], art)
+    (target,) = list((art / "router").glob("*/demo-*"))
+    _foreign_bank("demo", dim).save(target)
+    with pytest.raises(SchemaMismatchError, match="another encoder"):
+        run(_cfg(compose_cfg, smoke_run, f"paths.artifacts={art}"))
+
+
+def test_adding_a_domain_only_moves_routes_into_it(compose_cfg, smoke_run, tmp_path) -> None:
+    before = _bank_files(smoke_run["artifacts"])
+    base = run(_cfg(compose_cfg, smoke_run))
+    rows_before = [json.loads(x) for x in (tmp_path / "out" / "routes.jsonl").read_text().splitlines()]
+    # the new domain's pool: some of the test's general questions, so that some routes must move
+    mixed = [json.loads(x) for x in (ROOT / "data" / "demo" / "mixed_online.jsonl").read_text().splitlines()]
+    pool = tmp_path / "extra.jsonl"
+    pool.write_text(
+        "".join(json.dumps({"question": r["question"]}) + "\n" for r in mixed if r["dataset_name"] == "nq")
+    )
+    cfg = _cfg(compose_cfg, smoke_run, f"+router.domains.extra={{pool: '{pool}', dataset_names: [extra_qa]}}")
+    added = run(cfg)
+    assert added["banks"]["extra"]["built"] is True
+    assert not added["banks"]["general"]["built"] and not added["banks"]["demo"]["built"]
+    assert {k: v for k, v in _bank_files(smoke_run["artifacts"]).items() if k in before} == before
+    rows_after = [json.loads(x) for x in (tmp_path / "out" / "routes.jsonl").read_text().splitlines()]
+    changed = [(a, b) for a, b in zip(rows_before, rows_after, strict=True) if a["pred"] != b["pred"]]
+    assert changed, "the new domain's pool holds test questions: some routes must move to it"
+    assert all(b["pred"] == "extra" for _, b in changed)
+    for a, b in zip(rows_before, rows_after, strict=True):  # the old domains' scores are untouched
+        assert b["scores"]["general"] == pytest.approx(a["scores"]["general"], abs=1e-5)
+        assert b["scores"]["demo"] == pytest.approx(a["scores"]["demo"], abs=1e-5)
+    assert base["banks"].keys() == {"general", "demo"}
+
+
+def test_query_mode_prints_route_and_scores(compose_cfg, smoke_run, capsys) -> None:
+    queries = "['What is the capital of France?','Who discovered the compound Veltrium oxide?']"
+    result = run(_cfg(compose_cfg, smoke_run, "mode=query", f"query={queries}"))
+    assert [set(r["scores"]) for r in result["routes"]] == [{"general", "demo"}] * 2
+    assert all(r["route"] in ("general", "demo") for r in result["routes"])
+    text = capsys.readouterr().out
+    assert "What is the capital of France?" in text
+    if not answering_available():
+        assert "needs the GAG injection stage" in text and "answers" not in result
+
+
+def test_query_mode_without_query_and_answer_mode_without_answering(compose_cfg, smoke_run) -> None:
+    with pytest.raises(GAGError, match="mode=query needs"):
+        run(_cfg(compose_cfg, smoke_run, "mode=query"))
+    if answering_available():
+        pytest.skip("gag_lightning.routing.answer exists: mode=answer is covered by its own tests")
+    with pytest.raises(GAGError, match="mode=answer needs routed answering"):
+        run(_cfg(compose_cfg, smoke_run, "mode=answer"))
+
+
+def test_route_specs_errors() -> None:
+    with pytest.raises(GAGError, match="no 'general' route"):
+        route_specs({"domains": {"demo": {"pool": "x.jsonl", "dataset_names": ["demo"]}}})
+    with pytest.raises(GAGError, match="neither 'pool'"):
+        route_specs({"domains": {"general": {"dataset_names": ["nq"]}}})
+    with pytest.raises(GAGError, match="configured twice"):
+        route_specs({"domains": {"general": {"pool": "g"}, "x": {"name": "general", "pool": "h"}}})
+    specs = route_specs({"domains": {"general": {"pool": "g", "dataset_names": "nq"}, "off": None}})
+    assert [(s.name, s.dataset_names) for s in specs] == [("general", ("nq",))]
+
+
+@pytest.mark.parametrize("domain", ["demo", "materials", "adjuvant"])
+@pytest.mark.parametrize("model", ["smollm2", "tiny", "qwen3"])
+def test_route_config_composes(compose_cfg, domain, model) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg([f"domain={domain}", f"model={model}"], "route")
+    router = OmegaConf.to_container(cfg.router, resolve=True)
+    specs = route_specs(router)
+    assert [s.name for s in specs] == ["general", domain]
+    assert specs[1].dataset_names == tuple(cfg.domain.dataset_names)
+    assert cfg.mode == "eval" and cfg.model.encoders.router.kind in ("sentence_transformers", "causal_lm")
+    assert str(router["banks_dir"]).endswith("/router")
+
+
+def test_unmapped_dataset_name_is_an_actionable_error(compose_cfg, smoke_run, tmp_path) -> None:
+    test = tmp_path / "mixed.jsonl"
+    test.write_text(json.dumps({"question": "q?", "answer": "a", "dataset_name": "weird_qa"}) + "\n")
+    with pytest.raises(GAGError, match="weird_qa.*dataset_names"):
+        run(_cfg(compose_cfg, smoke_run, f"router.test_set={test}"))
