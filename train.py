@@ -26,8 +26,10 @@ def main(cfg: DictConfig) -> float | None:
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     L.seed_everything(cfg.seed, workers=True)
     from gag_lightning.pipeline import run
+    from gag_lightning.results import write_run_results
 
     results = run(cfg)
+    write_run_results(cfg, results)  # <output_dir>/results.json, read by `python -m gag_lightning.summarize`
     last = results[cfg.run_stages[-1]] if results else {}
     metric = cfg.get("optimized_metric")
     return float(last[metric]) if metric and metric in last else None

@@ -79,31 +79,43 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     fingerprint = fingerprint_dir(path)
     settings = background_settings(config, fingerprint, stops, split="bench")
     hidden = int(model.config.hidden_size)
-    rows, reference = [], None
-    for batch in args.batch_sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            gen = generate_backgrounds(model, tokenizer, records, tmp / "bg", settings, config, stops,
-                                       batch_size=batch, progress=not args.no_progress)
-            store = BackgroundStore.open(tmp / "bg")
-            backgrounds = store.read_all()
-            schema = memory_schema(fingerprint, hidden, compression, store.fingerprint)
-            ext = build_memory_bank(model, backgrounds, tmp / "bank", schema, compression, batch_size=batch,
-                                    progress=not args.no_progress)
-            n = len(MemoryBank.open(tmp / "bank"))
-            sizes = folder_bytes(tmp / "bank")
-        tokens = [b["token_ids"] for b in backgrounds]
-        reference = reference or tokens
-        same = sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens)
-        total_s = gen.seconds + ext.seconds
-        rows.append({
-            "model": name, "batch": batch, "records": n,
-            "gen_rec_s": gen.records / gen.seconds, "gen_tok_s": gen.tokens / gen.seconds,
-            "ext_rec_s": ext.records / ext.seconds, "total_rec_s": n / total_s, "total_s": total_s,
-            "mean_tokens": gen.tokens / max(gen.records, 1), "same_tokens": same,
-            "tensor_b": sizes["safetensors"] / n, "meta_b": (sizes["jsonl"] + sizes["json"]) / n,
-            "floor_b": len(compression.layer_keys) * compression.slots * hidden * 2,
-        })
+    # Load on a shared machine drifts over minutes: run the batch sizes interleaved, one chunk of records
+    # (the largest batch size) at a time, alternating their order, so every batch size sees the same load.
+    chunk = max(args.batch_sizes)
+    stats = {b: {"gen_s": 0.0, "gen_rec": 0, "gen_tok": 0, "ext_s": 0.0, "ext_rec": 0} for b in args.batch_sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for k, start in enumerate(range(0, len(records), chunk)):
+            upto = records[: start + chunk]
+            for batch in args.batch_sizes if k % 2 == 0 else list(reversed(args.batch_sizes)):
+                gen = generate_backgrounds(model, tokenizer, upto, tmp / f"bg{batch}", settings, config, stops,
+                                           batch_size=batch, progress=not args.no_progress)
+                store = BackgroundStore.open(tmp / f"bg{batch}")
+                schema = memory_schema(fingerprint, hidden, compression, store.fingerprint)
+                ext = build_memory_bank(model, store.read_all(), tmp / f"bank{batch}", schema, compression,
+                                        batch_size=batch, progress=not args.no_progress)
+                st = stats[batch]
+                st["gen_s"] += gen.seconds
+                st["gen_rec"] += gen.records
+                st["gen_tok"] += gen.tokens
+                st["ext_s"] += ext.seconds
+                st["ext_rec"] += ext.records
+        rows, reference = [], None
+        for batch in args.batch_sizes:
+            tokens = [b["token_ids"] for b in BackgroundStore.open(tmp / f"bg{batch}").read_all()]
+            reference = reference or tokens
+            n = len(MemoryBank.open(tmp / f"bank{batch}"))
+            sizes = folder_bytes(tmp / f"bank{batch}")
+            st = stats[batch]
+            rows.append({
+                "model": name, "batch": batch, "records": n,
+                "gen_rec_s": st["gen_rec"] / st["gen_s"], "gen_tok_s": st["gen_tok"] / st["gen_s"],
+                "ext_rec_s": st["ext_rec"] / st["ext_s"], "total_rec_s": n / (st["gen_s"] + st["ext_s"]),
+                "mean_tokens": st["gen_tok"] / max(st["gen_rec"], 1),
+                "same_tokens": sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens),
+                "tensor_b": sizes["safetensors"] / n, "meta_b": (sizes["jsonl"] + sizes["json"]) / n,
+                "floor_b": len(compression.layer_keys) * compression.slots * hidden * 2,
+            })
     return rows
 
 
@@ -124,17 +136,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for name in args.model for row in bench_model(name, args)]
-    print(f"\n{args.records} records, max {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs")
-    head = (f"{'model':8} {'batch':>5} {'gen rec/s':>10} {'gen tok/s':>10} {'extract rec/s':>13} {'total rec/s':>11} "
-            f"{'x batch1':>8} {'tokens/rec':>10} {'same tokens':>11} {'bytes/rec':>9} {'tensor':>7} {'meta':>6} "
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{args.records} records, max {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs, "
+          f"load average {load} (batch sizes run interleaved)")
+    head = (f"{'model':8} {'batch':>5} {'gen rec/s':>10} {'x batch1':>8} {'gen tok/s':>10} {'extract rec/s':>13} "
+            f"{'total rec/s':>11} {'x batch1':>8} {'tokens/rec':>10} {'same tokens':>11} {'bytes/rec':>9} {'tensor':>7} {'meta':>6} "
             f"{'K*S*H*2':>8}")
     print(head)
     print("-" * len(head))
-    base: dict[str, float] = {}
+    base: dict[str, dict] = {}
     for r in rows:
-        base.setdefault(r["model"], r["total_rec_s"])
-        print(f"{r['model']:8} {r['batch']:>5} {r['gen_rec_s']:>10.2f} {r['gen_tok_s']:>10.1f} {r['ext_rec_s']:>13.1f} "
-              f"{r['total_rec_s']:>11.2f} {r['total_rec_s'] / base[r['model']]:>8.2f} {r['mean_tokens']:>10.1f} "
+        b = base.setdefault(r["model"], r)
+        print(f"{r['model']:8} {r['batch']:>5} {r['gen_rec_s']:>10.2f} {r['gen_rec_s'] / b['gen_rec_s']:>8.2f} "
+              f"{r['gen_tok_s']:>10.1f} {r['ext_rec_s']:>13.1f} "
+              f"{r['total_rec_s']:>11.2f} {r['total_rec_s'] / b['total_rec_s']:>8.2f} {r['mean_tokens']:>10.1f} "
               f"{r['same_tokens']:>11.0%} {r['tensor_b'] + r['meta_b']:>9.0f} {r['tensor_b']:>7.0f} "
               f"{r['meta_b']:>6.0f} {r['floor_b']:>8}")
     print("bytes/rec = safetensors (tensor: memories + index + header) + JSON metadata (meta: id, question, answer, "

@@ -186,6 +186,16 @@ def test_batch_16_gives_the_same_backgrounds_and_memories_as_batch_1(tmp_path, e
     assert torch.count_nonzero(a.memories()[empty]) == 0  # L = 0: one zero vector, stabilised to zero
 
 
+def test_continuous_batching_refills_rows_without_changing_tokens(expert, records, stops) -> None:
+    model, tokenizer = expert
+    prompts = background_prompt_ids(tokenizer, records, CONFIG)
+    one = generate_batched(model, tokenizer, prompts, DecodingConfig(max_new_tokens=MAX_NEW, batch_size=1), stops)
+    for width in (3, 16):  # 3 rows in flight over 21 prompts: stopped rows are replaced many times
+        many = generate_batched(model, tokenizer, prompts, DecodingConfig(max_new_tokens=MAX_NEW, batch_size=width),
+                                stops, share_prefix=True, continuous=True)
+        assert [(g.token_ids, g.finished, g.text) for g in many] == [(g.token_ids, g.finished, g.text) for g in one]
+
+
 def test_empty_question_is_counted(tmp_path, expert, records, stops) -> None:
     model, tokenizer = expert
     stats = generate_backgrounds(model, tokenizer, records[-3:], tmp_path / "bg", settings(stops), CONFIG, stops,
@@ -210,13 +220,13 @@ def test_interrupt_and_resume_gives_the_same_bank(tmp_path, expert, records, sto
 
         return hook
 
-    with pytest.raises(Killed):
-        make_store(tmp_path / "bg", expert, records, stops, batch_size=4, on_batch=kill_after(2))
+    with pytest.raises(Killed):  # one decoding batch per appended chunk: killed after 8 records
+        make_store(tmp_path / "bg", expert, records, stops, batch_size=4, on_batch=kill_after(2), queue_batches=1)
     part = BackgroundStore.open(tmp_path / "bg")
     assert len(part) == 8
     with (tmp_path / "bg" / "backgrounds-r000.jsonl").open("ab") as handle:
         handle.write(b'{"index": 17, "id": "torn", "questi')  # a kill in the middle of an append
-    resumed = make_store(tmp_path / "bg", expert, records, stops, batch_size=4)
+    resumed = make_store(tmp_path / "bg", expert, records, stops, batch_size=4, queue_batches=1)
     assert rows(resumed) == rows(whole)
 
     with pytest.raises(Killed):

@@ -9,6 +9,7 @@ and a per-sequence stop at any of the configured end ids.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,45 +86,162 @@ def _prefix_cache(model: Any, embeds: torch.Tensor, mask: torch.Tensor, shared: 
     return {name: cache}
 
 
-def _generate_compacting(model: Any, embeds: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any],
-                         extra: dict[str, Any], every: int, stop_set: set[int]) -> list[list[int]]:
-    """`generate` in rounds of `every` tokens; rows that stopped leave the batch (and its KV cache).
+def _any_row_stopped_class() -> type:
+    from transformers import StoppingCriteria
 
-    A continuing row is fed its whole sequence as embeddings with the cache of all but its last
-    token, so the next round processes exactly that token at its true position (from the mask):
-    the same computation as one uninterrupted `generate`, on fewer rows.
+    class AnyRowStopped(StoppingCriteria):
+        """Ends a `generate` round as soon as one row emits a stop id."""
+
+        def __init__(self, stop_ids: torch.Tensor) -> None:
+            self.stop_ids = stop_ids
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+            if input_ids.shape[1] == 0:
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            hit = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device)).any()
+            return hit.expand(input_ids.shape[0]).clone()
+
+    return AnyRowStopped
+
+
+def _layer_tensors(cache: Any) -> list[Any] | None:
+    """The per-layer (keys, values) holders of a plain dynamic cache, or None for any other cache type."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    return list(layers)
+
+
+def _pad_cache_left(cache: Any, n: int) -> None:
+    if n <= 0:
+        return
+    for layer in _layer_tensors(cache) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            setattr(layer, name, torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2))
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    if n <= 0:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], n, *t.shape[2:])), t], dim=1)
+
+
+class _ContinuousBatcher:
+    """Continuous batching over Hugging Face `generate`: rounds end when a row stops, rows are refilled.
+
+    Each row's state is its input embeddings [W, H], attention mask [W] and a KV cache of its first
+    W - 1 positions; a round feeds the last column. Rows of different widths are aligned by left
+    padding (zeros in the cache, 0 in the mask); positions come from the mask, so a row computes
+    exactly what it would alone. New rows reuse the KV cache of the common prompt prefix.
     """
-    import inspect
 
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    budget = int(kwargs["max_new_tokens"])
-    base = {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
-    cache = extra.get(cache_name)
-    active = list(range(embeds.shape[0]))
-    tokens: list[list[int]] = [[] for _ in active]
-    embedding = model.get_input_embeddings()
-    while active and budget > 0:
-        step = min(every, budget)
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=step,
-                             return_dict_in_generate=True, **base, **({cache_name: cache} if cache is not None else {}))
-        new = out.sequences[:, -step:] if out.sequences.shape[1] > step else out.sequences
-        keep = []
-        for j, row in enumerate(active):
-            seq = new[j].tolist()
-            tokens[row].extend(seq)
-            if len(seq) == step and not any(t in stop_set for t in seq):
-                keep.append(j)
-        budget -= step
-        if not keep or budget <= 0:
-            break
-        cache = getattr(out, cache_name, None) or getattr(out, "past_key_values", None)
-        index = torch.tensor(keep, device=embeds.device)
-        cache.batch_select_indices(index)
-        kept_new = new[index]
-        embeds = torch.cat([embeds[index], embedding(kept_new).to(embeds.dtype)], dim=1)
-        mask = torch.cat([mask[index], torch.ones_like(kept_new, dtype=mask.dtype)], dim=1)
-        active = [active[j] for j in keep]
-    return tokens
+    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], order: Sequence[int], width: int,
+                 kwargs: dict[str, Any], embed_fn: EmbedFn, stop_set: set[int], pad_id: int, share_prefix: bool,
+                 progress: Callable[[int], None] | None) -> None:
+        import inspect
+
+        self.model = model
+        self.prompts = prompts
+        self.queue = list(order)
+        self.width = width
+        self.max_new = int(kwargs["max_new_tokens"])
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
+        self.embed_fn = embed_fn
+        self.stop_set = stop_set
+        self.pad_id = pad_id
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.prefix = shared_prefix_len([prompts[i] for i in order]) if share_prefix else 0
+        self.prefix_cache: Any = None
+        from transformers import StoppingCriteriaList
+
+        self.criteria = StoppingCriteriaList([_any_row_stopped_class()(torch.tensor(sorted(stop_set)))])
+
+    def _forward_cache(self, embeds: torch.Tensor, mask: torch.Tensor, cache: Any = None) -> Any:
+        """KV cache after feeding `embeds` (the last columns of `mask`), at positions counted on the mask."""
+        kw = {self.cache_name: cache} if cache is not None else {}
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **kw)
+        return out["cache"] if "cache" in out else out["past_key_values"]
+
+    def supported(self) -> bool:
+        """A probe on the first prompt: the model must keep a plain dynamic cache this code can re-align."""
+        if any(len(self.prompts[i]) < 2 for i in self.queue):
+            return False
+        first = self.prompts[self.queue[0]]
+        ids = torch.tensor([list(first[:2])], device=self.device)
+        probe = self._forward_cache(self.model.get_input_embeddings()(ids), torch.ones_like(ids))
+        return _layer_tensors(probe) is not None
+
+    def _admit(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Inputs and cache (all but the last position) of new rows: [prefix | padding | own tokens]."""
+        p = self.prefix
+        ids, mask = shared_prefix_batch([self.prompts[i] for i in rows], p, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.embed_fn(ids, mask, rows)
+        cache = None
+        if p:
+            if self.prefix_cache is None:
+                self.prefix_cache = self._forward_cache(embeds[:1, :p], mask[:1, :p])
+            cache = copy.deepcopy(self.prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+        if embeds.shape[1] - 1 > p:
+            cache = self._forward_cache(embeds[:, p:-1], mask[:, :-1], cache)
+        return embeds, mask, cache
+
+    def run(self) -> dict[int, list[int]]:
+        out_tokens: dict[int, list[int]] = {}
+        active: list[int] = []
+        embeds = mask = cache = None
+        while self.queue or active:
+            free = self.width - len(active)
+            if free > 0 and self.queue:
+                new_rows, self.queue = self.queue[:free], self.queue[free:]
+                e_new, m_new, c_new = self._admit(new_rows)
+                for r in new_rows:
+                    out_tokens[r] = []
+                if not active:
+                    embeds, mask, cache = e_new, m_new, c_new
+                else:
+                    target = max(embeds.shape[1], e_new.shape[1])
+                    _pad_cache_left(cache, target - embeds.shape[1])
+                    _pad_cache_left(c_new, target - e_new.shape[1])
+                    embeds = torch.cat([_pad_left(embeds, target - embeds.shape[1]),
+                                        _pad_left(e_new, target - e_new.shape[1])])
+                    mask = torch.cat([_pad_left(mask, target - mask.shape[1]), _pad_left(m_new, target - m_new.shape[1])])
+                    for old, add in zip(_layer_tensors(cache) or [], _layer_tensors(c_new) or [], strict=True):
+                        old.keys = torch.cat([old.keys, add.keys])
+                        old.values = torch.cat([old.values, add.values])
+                active = active + new_rows
+            budget = min(self.max_new - len(out_tokens[r]) for r in active)
+            kw = {self.cache_name: cache} if cache is not None else {}
+            result = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=budget,
+                                         stopping_criteria=self.criteria, return_dict_in_generate=True,
+                                         **self.kwargs, **kw)
+            new = result.sequences[:, -budget:] if result.sequences.shape[1] > budget else result.sequences
+            keep, done = [], []
+            for j, r in enumerate(active):
+                seq = new[j].tolist()
+                out_tokens[r].extend(seq)
+                stopped = any(t in self.stop_set for t in seq)
+                (done if stopped or len(out_tokens[r]) >= self.max_new else keep).append(j)
+            if self.progress is not None and done:
+                self.progress(len(done))
+            if not keep:
+                active, embeds, mask, cache = [], None, None, None
+                continue
+            cache = result["cache"] if "cache" in result else result["past_key_values"]
+            index = torch.tensor(keep, device=self.device)
+            if len(keep) < len(active):
+                cache.batch_select_indices(index)
+            kept = new[index]
+            embeds = torch.cat([embeds[index], self.model.get_input_embeddings()(kept).to(embeds.dtype)], dim=1)
+            mask = torch.cat([mask[index], torch.ones_like(kept, dtype=mask.dtype)], dim=1)
+            active = [active[j] for j in keep]
+        return out_tokens
 
 
 def _default_embed(model: Any) -> EmbedFn:
@@ -137,7 +255,7 @@ def _default_embed(model: Any) -> EmbedFn:
 def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                      stop_ids: Sequence[int], embed_fn: EmbedFn | None = None,
                      progress: Callable[[int], None] | None = None,
-                     share_prefix: bool = False, compact_every: int = 0) -> list[Generation]:
+                     share_prefix: bool = False, continuous: bool = False) -> list[Generation]:
     """Decode `prompts` (token id lists) in batches sorted by length; results come back in input order.
 
     `embed_fn(ids, mask, rows)` builds the inputs embeddings of a padded batch (`rows` are the
@@ -145,10 +263,10 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
     `share_prefix=True` encodes the token prefix common to a batch's prompts once (e.g. a long
     system prompt) and reuses its KV cache for every row: the same tokens up to float rounding,
     with much less prefill compute on a CPU (see `shared_prefix_batch`).
-    `compact_every=n` decodes in rounds of n tokens and drops the rows that have stopped between
-    rounds (continuing the others from their KV cache), so short answers stop costing compute while
-    the longest one of their batch finishes. It needs history-free logits processing, so it is
-    ignored when a repetition penalty or n-gram blocking is set.
+    `continuous=True` keeps `batch_size` sequences in flight: a row that stops leaves at once and the
+    next prompt takes its place (continuing rows keep their KV cache), so a batch no longer runs as
+    long as its longest row. It needs history-free logits processing (no repetition penalty, no
+    n-gram blocking) and a plain dynamic KV cache, and falls back to fixed batches otherwise.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     embed_fn = embed_fn or _default_embed(model)
@@ -165,6 +283,22 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    history_free = decoding.repetition_penalty == 1.0 and not decoding.no_repeat_ngram_size
+    if continuous and history_free and len(prompts) > 1 and decoding.batch_size > 1:
+        engine = _ContinuousBatcher(model, prompts, order, decoding.batch_size, kwargs, embed_fn, stop_set, pad_id,
+                                    share_prefix, progress)
+        if engine.supported():
+            for row_idx, seq in engine.run().items():
+                tokens = []
+                finished = False
+                for t in seq:
+                    if t in stop_set:
+                        finished = True
+                        break
+                    tokens.append(t)
+                results[row_idx] = Generation(text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                              token_ids=tokens, finished=finished)
+            return [r for r in results if r is not None]
     for start in range(0, len(order), decoding.batch_size):
         rows = order[start: start + decoding.batch_size]
         shared = shared_prefix_len([prompts[i] for i in rows]) if share_prefix and len(rows) > 1 else 0
@@ -172,14 +306,9 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         ids, mask = ids.to(device), mask.to(device)
         embeds = embed_fn(ids, mask, rows)
         extra = _prefix_cache(model, embeds, mask, shared) if shared else {}
-        history_free = decoding.repetition_penalty == 1.0 and not decoding.no_repeat_ngram_size
-        if compact_every > 0 and history_free and len(rows) > 1:
-            seqs = _generate_compacting(model, embeds, mask, kwargs, extra, compact_every, stop_set)
-        else:
-            out = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs, **extra)
-            out = out[:, -decoding.max_new_tokens:] if out.shape[1] > decoding.max_new_tokens else out
-            seqs = out.tolist()
-        for row_idx, seq in zip(rows, seqs, strict=True):
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs, **extra)
+        out = out[:, -decoding.max_new_tokens:] if out.shape[1] > decoding.max_new_tokens else out
+        for row_idx, seq in zip(rows, out.tolist(), strict=True):
             tokens: list[int] = []
             finished = False
             for t in seq:

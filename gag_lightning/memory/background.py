@@ -1,12 +1,14 @@
 """Step 1 of the memory stage: the expert writes a "background" for every question (METHOD.md section 3).
 
 The reference release generates one question at a time and crashes or silently mixes settings on
-resume. Here a split is planned once into batches of similar prompt length, each batch goes through
-the project's single batched decoding path (`generate_batched`: left padding, KV cache, stop at any
-end id) and is appended durably to a `BackgroundStore` before the next one starts, so a killed run
-resumes where it stopped and a run with other settings is refused by the store's schema.
+resume. Here a split is planned once into chunks of records of similar prompt length; each chunk goes
+through the project's batched decoding path (`generate_batched`: left padding, KV cache, stop at any
+end id) with continuous batching (`batch_size` sequences in flight, a stopped row is replaced at once
+by the next prompt) and the shared system-prompt prefix encoded once, and is then appended durably
+to a `BackgroundStore`, so a killed run resumes where it stopped and a run with other settings is
+refused by the store's schema.
 
-The work is a `BackgroundJob` with `open(rank, world_size) -> batches`, `run_batch(model, indices)`
+The work is a `BackgroundJob` with `open(rank, world_size) -> chunks`, `run_batch(model, indices)`
 and `close()`: the pipeline drives it through Lightning's predict loop (one store file per rank),
 `generate_backgrounds` drives it in-process; both run the same code, so they give the same records.
 """
@@ -142,7 +144,7 @@ class JobStats:
         return out
 
 
-class _Progress:
+class ProgressBar:
     """A tqdm bar in records with tokens/s in the postfix; shown on rank 0 only."""
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
@@ -165,7 +167,7 @@ class BackgroundJob:
 
     def __init__(self, tokenizer: Any, records: Sequence[QARecord], folder: str | Path, settings: Mapping[str, Any],
                  config: BackgroundConfig, stop_ids: Sequence[int], batch_size: int = 16, progress: bool = True,
-                 desc: str = "backgrounds", on_batch: BatchHook | None = None) -> None:
+                 desc: str = "backgrounds", on_batch: BatchHook | None = None, queue_batches: int = 4) -> None:
         if not stop_ids:
             raise ValueError("stop_ids is empty: the expert would never stop; pass the generation config's eos ids")
         self.tokenizer = tokenizer
@@ -177,6 +179,9 @@ class BackgroundJob:
         self.config = config
         self.stop_ids = [int(i) for i in stop_ids]
         self.batch_size = int(batch_size)
+        # each job batch ("chunk") holds queue_batches decoding batches: generate_batched keeps batch_size
+        # sequences in flight and refills a row as soon as it stops; a chunk is also the append/resume unit
+        self.chunk_size = self.batch_size * max(1, int(queue_batches))
         self.progress = progress
         self.desc = desc
         self.on_batch = on_batch
@@ -185,7 +190,7 @@ class BackgroundJob:
         self.store: BackgroundStore | None = None
         self.stats = JobStats()
         self.done_at_open: set[int] = set()  # already generated when this run started (all ranks)
-        self._bar: _Progress | None = None
+        self._bar: ProgressBar | None = None
         self._t0 = 0.0
 
     def open(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -206,9 +211,9 @@ class BackgroundJob:
             if done:
                 log.info("[%s] resuming: %d of %d records already generated", self.desc,
                          len(done & set(self.records)), len(self.records))
-        batches = plan_batches(pending, self.batch_size, rank, world_size)
-        self._bar = _Progress(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
-                              self.progress and rank == 0)
+        batches = plan_batches(pending, self.chunk_size, rank, world_size)
+        self._bar = ProgressBar(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
+                                self.progress and rank == 0)
         self._t0 = time.perf_counter()
         return batches
 
@@ -223,10 +228,11 @@ class BackgroundJob:
         prompts = [self.prompts[i] for i in indices]
         decoding = DecodingConfig(max_new_tokens=self.config.max_new_tokens, do_sample=self.config.do_sample,
                                   temperature=self.config.temperature, top_p=self.config.top_p,
-                                  batch_size=len(indices))
+                                  batch_size=self.batch_size)
         if self.config.do_sample:
             self._seed(indices)
-        generations = generate_batched(model, self.tokenizer, prompts, decoding, self.stop_ids, share_prefix=True)
+        generations = generate_batched(model, self.tokenizer, prompts, decoding, self.stop_ids, share_prefix=True,
+                                       continuous=True)
         rows = []
         for index, prompt, gen in zip(indices, prompts, generations, strict=True):
             record = self.records[index]
@@ -273,8 +279,8 @@ def run_job(job: Any, model: Any) -> JobStats:
 def generate_backgrounds(model: Any, tokenizer: Any, records: Sequence[QARecord], folder: str | Path,
                          settings: Mapping[str, Any], config: BackgroundConfig, stop_ids: Sequence[int],
                          batch_size: int = 16, progress: bool = True,
-                         on_batch: BatchHook | None = None) -> JobStats:
+                         on_batch: BatchHook | None = None, queue_batches: int = 4) -> JobStats:
     """Generate (or finish generating) the backgrounds of `records` into the store at `folder`."""
     job = BackgroundJob(tokenizer, records, folder, settings, config, stop_ids, batch_size, progress,
-                        on_batch=on_batch)
+                        on_batch=on_batch, queue_batches=queue_batches)
     return run_job(job, model)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from gag_lightning.eval.generation import shared_prefix_len
-from gag_lightning.memory.background import BatchHook, JobStats, _Progress, plan_batches, run_job
+from gag_lightning.memory.background import BatchHook, JobStats, ProgressBar, plan_batches, run_job
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.memory.compression import build_memories, layer_indices
 
@@ -171,7 +171,7 @@ class MemoryJob:
         self.done_at_open: set[int] = set()  # already banked when this run started (all ranks)
         self._metas: list[dict[str, Any]] = []
         self._memories: list[Tensor] = []
-        self._bar: _Progress | None = None
+        self._bar: ProgressBar | None = None
         self._t0 = 0.0
 
     def open(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -184,8 +184,8 @@ class MemoryJob:
             log.info("[%s] resuming: %d of %d memories already banked", self.desc,
                      len(done & set(self.backgrounds)), len(self.backgrounds))
         batches = plan_batches(lengths, self.batch_size, rank, world_size)
-        self._bar = _Progress(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
-                              self.progress and rank == 0)
+        self._bar = ProgressBar(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
+                                self.progress and rank == 0)
         self._t0 = time.perf_counter()
         return batches
 

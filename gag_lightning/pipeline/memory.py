@@ -98,6 +98,9 @@ class _Runner:
     def run(self, job: Any) -> tuple[Any, float]:
         if self.trainer is None:
             kwargs = trainer_kwargs(self.cfg, self.cfg.memory.get("trainer"))
+            if _is_sharded(self.cfg):
+                log.info("[memory] trainer.strategy -> ddp: each rank holds the whole frozen expert for inference")
+                kwargs["strategy"] = "ddp"
             self.trainer = L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                      enable_model_summary=False, use_distributed_sampler=False,
                                      default_root_dir=str(Path(self.cfg.paths.output_dir) / "memory"))
@@ -117,6 +120,13 @@ class _Runner:
         stats = job.close()
         self.trainer.strategy.barrier("gag-memory-job-done")
         return stats, time.perf_counter() - start
+
+
+def _is_sharded(cfg: DictConfig) -> bool:
+    """A sharded training strategy (FSDP) that the inference-only memory stage replaces by DDP."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return "fsdp" in target.lower()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -214,7 +224,7 @@ def _background_metrics(store: BackgroundStore, records: list[QARecord], generat
 
 
 def _bank_metrics(bank: MemoryBank, records: list[QARecord], made_before: set[int], seconds: float | None,
-                  tokens: int) -> dict[str, Any]:
+                  backgrounds: list[dict[str, Any]]) -> dict[str, Any]:
     indices = bank.indices()
     wanted = sorted(r.index for r in records)
     if indices != wanted:
@@ -230,8 +240,13 @@ def _bank_metrics(bank: MemoryBank, records: list[QARecord], made_before: set[in
     k, s, h = bank.schema.shape
     itemsize = STORAGE_DTYPES[bank.schema.dtype].itemsize
     new = n - len(made_before & set(wanted))
+    tokens = sum(len(b["token_ids"]) for b in backgrounds if b["index"] not in made_before)
+    lengths = [len(b["token_ids"]) for b in backgrounds]
     out: dict[str, Any] = {
         "records": n,
+        "empty_questions": sum(1 for r in records if not r.question.strip()),
+        "empty_backgrounds": sum(1 for x in lengths if x == 0),
+        "mean_generated_tokens": sum(lengths) / max(len(lengths), 1),
         "bytes_per_record": sum(sizes.values()) / n,
         "tensor_bytes_per_record": sizes["safetensors"] / n,
         "metadata_bytes_per_record": (sizes["jsonl"] + sizes["json"]) / n,
@@ -289,7 +304,7 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
         bg_metrics: dict[str, dict[str, Any]] = {}
         for split in files:
             job = BackgroundJob(tokenizer, records[split], bg_root / split, settings[split], bg_config, stop_ids,
-                                batch_size=int(cfg.memory.generation_batch_size), progress=progress,
+                                batch_size=int(cfg.memory.generation.batch_size), progress=progress,
                                 desc=f"backgrounds[{split}]")
             _, seconds = runner.run(job)
             if runner.is_global_zero:
@@ -316,14 +331,13 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
         backgrounds = [b for b in store.read_all() if b["index"] in wanted]
         schema = memory_schema(expert_fp, hidden_size, compression, store.fingerprint)
         job = MemoryJob(backgrounds, mem_root / split, schema, compression,
-                        batch_size=int(cfg.memory.extraction_batch_size), shard_size=int(cfg.memory.shard_size),
+                        batch_size=int(cfg.memory.compression.batch_size),
+                        shard_size=int(cfg.memory.compression.shard_size),
                         progress=progress, desc=f"memories[{split}]")
         _, seconds = runner.run(job)
         if runner.is_global_zero:
             bank = MemoryBank.open(mem_root / split)
-            done_before = job.done_at_open
-            tokens = sum(len(b["token_ids"]) for b in backgrounds if b["index"] not in done_before)
-            mem_metrics[split] = _bank_metrics(bank, records[split], done_before, seconds, tokens)
+            mem_metrics[split] = _bank_metrics(bank, records[split], job.done_at_open, seconds, backgrounds)
             log.info("[memory] memories[%s]: %s", split, _fmt(mem_metrics[split]))
     metrics = _flatten(mem_metrics)
     if runner.is_global_zero:

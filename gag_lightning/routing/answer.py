@@ -1,0 +1,184 @@
+"""Routed mixed-domain answering (METHOD.md section 6): one shared frozen base, one expert + adapter per domain.
+
+Queries are grouped by route and answered in batches: the general route is the base alone with the
+general prompt; a domain route runs that domain's expert to write backgrounds, compresses them into
+memories (the same code as the memory stage) and lets the base answer with the memory injected
+(the same harness as the eval stage). Every route decodes through `generate_batched` with the same
+settings, so the general answers are exactly what the base alone gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gag_lightning.artifacts import atomic_write_text
+from gag_lightning.data.records import QARecord
+from gag_lightning.errors import GAGError
+from gag_lightning.eval.generation import DecodingConfig, generate_batched
+from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
+from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
+from gag_lightning.memory.extract import CompressionConfig, extract_memories
+from gag_lightning.models.adapter import load_adapter
+from gag_lightning.models.loading import load_causal_lm, load_tokenizer
+from gag_lightning.prompts import GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DomainPath:
+    """What answering one domain needs, loaded once and reused for all its queries."""
+
+    name: str
+    expert: Any
+    expert_tokenizer: Any
+    adapter: Any
+    instruction: str
+
+
+def _domain_artifacts(cfg: DictConfig, route: str) -> tuple[Path, Path, str]:
+    """(expert dir, adapter dir, instruction) of a route: the current domain's artifacts or explicit paths."""
+    from gag_lightning.pipeline.gag import gag_adapter_dir
+    from gag_lightning.pipeline.memory import memory_expert_path
+
+    if route == str(cfg.domain.name):
+        return memory_expert_path(cfg), gag_adapter_dir(cfg, cfg.eval.get("adapter")), str(cfg.domain.instruction)
+    domains = OmegaConf.to_container(cfg.router.domains, resolve=True) or {}
+    for key, spec in domains.items():
+        if spec and (spec.get("name") or key) == route:
+            if not spec.get("expert") or not spec.get("adapter"):
+                raise GAGError(f"route '{route}' has no trained artifacts for answering: set "
+                               f"router.domains.{key}.expert=/path/to/sft-expert and "
+                               f"router.domains.{key}.adapter=/path/to/gag-adapter")
+            return Path(spec["expert"]), Path(spec["adapter"]), str(spec.get("instruction") or "")
+    raise GAGError(f"route '{route}' is not configured under router.domains")
+
+
+def decoding_config(cfg: DictConfig) -> DecodingConfig:
+    from gag_lightning.pipeline.evaluate import decoding_config as eval_decoding
+
+    return eval_decoding(cfg)
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    from gag_lightning.pipeline.evaluate import eval_device
+
+    return eval_device(cfg)
+
+
+def build_memories(path: DomainPath, questions: Sequence[str], cfg: DictConfig) -> tuple[torch.Tensor, list[str]]:
+    """Expert backgrounds and [N, K, S, H_e] memories for routed questions (METHOD.md section 3)."""
+    gen_cfg = BackgroundConfig.from_mapping(OmegaConf.to_container(cfg.memory.generation, resolve=True),
+                                            seed=int(cfg.seed))
+    if path.instruction and gen_cfg.prompt_style == "sft":
+        gen_cfg = BackgroundConfig(**{**gen_cfg.__dict__, "instruction": path.instruction})
+    records = [QARecord(index=i, id=str(i), question=q, answer="") for i, q in enumerate(questions)]
+    prompts = background_prompt_ids(path.expert_tokenizer, records, gen_cfg)
+    decoding = DecodingConfig(max_new_tokens=gen_cfg.max_new_tokens, do_sample=gen_cfg.do_sample,
+                              temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
+                              batch_size=int(cfg.memory.generation.batch_size))
+    stops = stop_token_ids(path.expert_tokenizer, getattr(path.expert, "generation_config", None))
+    gens = generate_batched(path.expert, path.expert_tokenizer, prompts, decoding, stops)
+    compression = CompressionConfig.from_mapping(OmegaConf.to_container(cfg.memory.compression, resolve=True))
+    memories = []
+    batch = int(cfg.memory.compression.batch_size)
+    for start in range(0, len(prompts), batch):
+        memories.append(extract_memories(path.expert, prompts[start: start + batch],
+                                         [g.token_ids for g in gens[start: start + batch]], compression).cpu())
+    return torch.cat(memories), [g.text for g in gens]
+
+
+def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], records: Sequence[Any] | None = None,
+                  out_dir: str | Path | None = None) -> list[str]:
+    """Answer each question on its route; with `records` (the mixed test set) also score and write reports."""
+    from gag_lightning.pipeline.gag import load_base
+
+    if len(questions) != len(routes):
+        raise GAGError(f"{len(questions)} questions but {len(routes)} routes")
+    device = _device(cfg)
+    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base.to(device).eval()
+    decoding = decoding_config(cfg)
+    by_route: dict[str, list[int]] = defaultdict(list)
+    for i, route in enumerate(routes):
+        by_route[route].append(i)
+    answers: list[str] = [""] * len(questions)
+    backgrounds: dict[int, str] = {}
+    general = "general"
+    for route, rows in by_route.items():
+        qs = [questions[i] for i in rows]
+        if route == general:
+            harness = EvalHarness(base, tokenizer, decoding, base_request_text=GENERAL_REQUEST_TEXT)
+            items = [EvalItem(id=str(i), question=q, reference="", instruction=GENERAL_INSTRUCTION)
+                     for i, q in zip(rows, qs, strict=True)]
+            gens = harness.generate("base", items)
+        else:
+            expert_dir, adapter_dir, instruction = _domain_artifacts(cfg, route)
+            log.info("[answer] route %s: %d queries, expert %s, adapter %s", route, len(rows), expert_dir, adapter_dir)
+            path = DomainPath(route, load_causal_lm(expert_dir, cfg.hardware.get("base_dtype", "float32")).to(device)
+                              .eval(), load_tokenizer(expert_dir), load_adapter(adapter_dir, device=device).eval(),
+                              instruction)
+            memories, texts = build_memories(path, qs, cfg)
+            harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter, gag_token_id=gag_id,
+                                  memories=memories, request_text=str(cfg.domain.request_text))
+            items = [EvalItem(id=str(i), question=q, reference="", instruction=instruction)
+                     for i, q in zip(rows, qs, strict=True)]
+            gens = harness.generate("gag", items)
+            for i, text in zip(rows, texts, strict=True):
+                backgrounds[i] = text
+            del path
+        for i, gen in zip(rows, gens, strict=True):
+            answers[i] = gen.text
+    if records is not None and out_dir is not None:
+        score_routed(cfg, records, routes, answers, backgrounds, Path(out_dir))
+    return answers
+
+
+def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str], answers: Sequence[str],
+                 backgrounds: dict[int, str], out_dir: Path) -> dict[str, Any]:
+    """Per-dataset metrics: has-answer EM for general sets, BERTScore F1 and STS for specialist sets."""
+    from gag_lightning.pipeline.evaluate import build_scorers
+
+    general_sets = set(OmegaConf.to_container(cfg.router.domains.general.dataset_names, resolve=True))
+    specialist = [i for i, r in enumerate(records) if r.dataset_name not in general_sets]
+    scores: dict[int, dict[str, float]] = defaultdict(dict)
+    if specialist:
+        scorers = build_scorers(cfg, _device(cfg))
+        preds = [answers[i] for i in specialist]
+        refs = [records[i].answers[0] for i in specialist]
+        for name, scorer in scorers.items():
+            for i, value in zip(specialist, scorer.score(preds, refs), strict=True):
+                scores[i][name] = 0.0 if is_empty_prediction(answers[i]) else float(value)
+    rows = []
+    for i, rec in enumerate(records):
+        row = {"system": "routed", "dataset_name": rec.dataset_name, "question": rec.question, "route": routes[i],
+               "reference": rec.answers, "prediction": answers[i], "empty": is_empty_prediction(answers[i]),
+               **scores.get(i, {})}
+        if rec.dataset_name in general_sets:
+            row["em"] = has_answer(answers[i], rec.answers)
+        if i in backgrounds:
+            row["background"] = backgrounds[i]
+        rows.append(row)
+    summary = summarize_scores(rows, by="dataset_name", metrics=("bertscore_f1", "sts", "em"))
+    per_dataset = summary["routed"].get("groups", {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "predictions.jsonl",
+                      "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps({"systems": summary}, indent=2, ensure_ascii=False))
+    table = {f"routed/{name}": stats for name, stats in per_dataset.items()}
+    table["routed/all"] = {k: v for k, v in summary["routed"].items() if k != "groups"}
+    atomic_write_text(out_dir / "report.md", markdown_report(table, "routed mixed-domain answering"))
+    from gag_lightning.eval.harness import print_report
+
+    print_report(table, "routed mixed-domain answering")
+    return summary

@@ -1,0 +1,295 @@
+"""Tabulate a Hydra multirun: one row per job (its swept values, BERTScore F1 / STS of every evaluated system,
+gag minus base), saved beside the runs as ``summary.md`` + ``summary.csv`` + ``summary.png`` and printed.
+
+    python -m gag_lightning.summarize logs/smoke/multiruns/slots_2026-01-01_12-00-00
+
+A job's metrics come from the ``results.json`` train.py writes last in its folder (they name the eval artifact
+the job used, which may have been built by another job); for runs without one, the eval artifact is found
+through the job's log. Nothing is re-composed, so a summary works on a copy of the run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gag_lightning.results import read_run_results
+
+METRICS = {"bertscore_f1": "BERTScore F1", "sts": "STS", "em": "EM"}
+SYSTEM_ORDER = ("base", "expert_context", "gag", "gag_shuffled", "expert")
+_EVAL_LOG = re.compile(r"\[eval\] (?:done: (\S+)/report\.md|artifact already complete for this configuration: "
+                       r"(\S+) \(skipping\))")
+
+
+@dataclass
+class Job:
+    """One multirun job: its folder, parsed overrides, eval metrics (``eval/<system>/<metric>``) and status."""
+
+    dir: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    gag: dict[str, Any] = field(default_factory=dict)
+    eval_artifact: str | None = None
+    status: str = "ok"
+
+
+@dataclass
+class Summary:
+    root: Path
+    jobs: list[Job]
+    swept: list[str]
+    systems: list[str]
+    metrics: list[str]
+    sweep_name: str | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Raw values per job (fractions, not x100): the CSV and the plot read these."""
+        out = []
+        for job in self.jobs:
+            row: dict[str, Any] = {"job": job.dir.name, **{k: job.overrides.get(k) for k in self.swept}}
+            for metric in self.metrics:
+                for system in self.systems:
+                    row[f"{system}/{metric}"] = job.metrics.get(f"eval/{system}/{metric}")
+                row[f"gag-base/{metric}"] = _diff(job.metrics.get(f"eval/gag/{metric}"),
+                                                  job.metrics.get(f"eval/base/{metric}"))
+            # the NLL part alone: comparable across loss weights, unlike the weighted total
+            row["gag/val_nll"] = job.gag.get("val/nll")
+            row["status"] = job.status
+            out.append(row)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ collecting
+def _job_sort_key(path: Path) -> tuple[int, str]:
+    return (int(path.name), "") if path.name.isdigit() else (sys.maxsize, path.name)
+
+
+def find_jobs(root: Path) -> list[Path]:
+    """Job folders under ``root`` (those holding ``.hydra/overrides.yaml``), in job-number order."""
+    found = {p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")}
+    return sorted(found, key=_job_sort_key)
+
+
+def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def sweeper_params(root: Path) -> list[str]:
+    """Keys of ``hydra.sweeper.params`` (from the multirun's ``multirun.yaml`` or a job's ``hydra.yaml``)."""
+    candidates = [root / "multirun.yaml", *(j / ".hydra" / "hydra.yaml" for j in find_jobs(root)[:1])]
+    for path in candidates:
+        if path.is_file():
+            node = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            params = ((node.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+            return [str(k).lstrip("+~") for k in params]
+    return []
+
+
+def _eval_artifact_from_log(job_dir: Path) -> str | None:
+    for log_file in sorted(job_dir.glob("*.log")):
+        for line in reversed(log_file.read_text(encoding="utf-8", errors="replace").splitlines()):
+            match = _EVAL_LOG.search(line)
+            if match:
+                return match.group(1) or match.group(2)
+    return None
+
+
+def _read_manifest_metrics(folder: str | None) -> dict[str, Any]:
+    if not folder:
+        return {}
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text(encoding="utf-8")).get("metrics") or {})
+
+
+def load_job(job_dir: Path) -> Job:
+    overrides = parse_overrides(yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or [])
+    job = Job(job_dir, overrides)
+    results = read_run_results(job_dir)
+    if results is not None:
+        stages = results.get("stages") or {}
+        evaluation = stages.get("eval") or {}
+        job.eval_artifact = evaluation.get("artifact")
+        job.metrics = {k: float(v) for k, v in evaluation.items() if k.startswith("eval/") and v is not None}
+        job.gag = dict(stages.get("gag") or {})
+        if not evaluation:
+            job.status = "no eval stage"
+        return job
+    # no results.json: the job failed, is still running, or predates it; its log may still name the eval artifact
+    job.eval_artifact = _eval_artifact_from_log(job_dir)
+    metrics = _read_manifest_metrics(job.eval_artifact)
+    job.metrics = {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and v is not None}
+    job.status = "ok (from log)" if job.metrics else "no results (failed or unfinished)"
+    return job
+
+
+def collect(root: str | Path) -> Summary:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder (give a multirun folder, e.g. logs/<task>/multiruns/<time>)")
+    jobs = [load_job(d) for d in find_jobs(root)]
+    if not jobs:
+        raise FileNotFoundError(f"no Hydra job folders (with .hydra/overrides.yaml) under {root}")
+    swept = [k for k in sweeper_params(root) if not k.startswith("hydra")]
+    for job in jobs:  # command-line sweeps (seed=1,2) and anything else that differs between jobs
+        for key in job.overrides:
+            values = {j.overrides.get(key) for j in jobs}
+            if key not in swept and not key.startswith("hydra") and len(values) > 1:
+                swept.append(key)
+    seen_systems = {k.split("/")[1] for j in jobs for k in j.metrics}
+    systems = [s for s in SYSTEM_ORDER if s in seen_systems] + sorted(seen_systems - set(SYSTEM_ORDER))
+    metrics = [m for m in METRICS if any(k.endswith(f"/{m}") for j in jobs for k in j.metrics)]
+    sweep_name = next((r.get("sweep_name") for r in map(read_run_results, (j.dir for j in jobs)) if r), None)
+    return Summary(root, jobs, swept, systems, metrics, sweep_name)
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """``memory.compression.slots`` -> ``slots`` unless two swept keys end the same way."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def markdown_table(summary: Summary) -> str:
+    names = short_names(summary.swept)
+    header = ["job", *(names[k] for k in summary.swept)]
+    for metric in summary.metrics:
+        header += [f"{METRICS[metric]} {s}" for s in summary.systems]
+        if {"gag", "base"} <= set(summary.systems):
+            header.append(f"{METRICS[metric]} gag-base")
+    header += ["gag val NLL", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for job, row in zip(summary.jobs, summary.rows(), strict=True):
+        cells = [job.dir.name, *(str(row[k]) if row[k] is not None else "-" for k in summary.swept)]
+        for metric in summary.metrics:
+            cells += [_pct(row[f"{s}/{metric}"]) for s in summary.systems]
+            if {"gag", "base"} <= set(summary.systems):
+                cells.append(_pct(row[f"gag-base/{metric}"], signed=True))
+        loss = row["gag/val_nll"]
+        cells += [f"{float(loss):.4f}" if loss is not None else "-", job.status]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _job_label(summary: Summary, job: Job) -> str:
+    names = short_names(summary.swept)
+    if not summary.swept:
+        return job.dir.name
+    if len(summary.swept) == 1:
+        return str(job.overrides.get(summary.swept[0], "-"))
+    return "\n".join(f"{names[k]}={job.overrides.get(k, '-')}" for k in summary.swept)
+
+
+def plot(summary: Summary, path: Path) -> Path | None:
+    """One panel per metric: each system's score (x100) against the swept value(s), jobs in sweep order."""
+    if not summary.metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary.rows()
+    xs = list(range(len(summary.jobs)))
+    labels = [_job_label(summary, j) for j in summary.jobs]
+    n = len(summary.metrics)
+    width = min(14.0, max(5.0, 1.1 * len(xs) + 3))
+    nrows, ncols = (n, 1) if len(xs) > 5 else (1, n)  # many jobs: panels stacked, so labels stay readable
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.2 * nrows), squeeze=False)
+    for ax, metric in zip(axes.flat, summary.metrics, strict=True):
+        for system in summary.systems:
+            ys = [100 * r[f"{system}/{metric}"] if r[f"{system}/{metric}"] is not None else float("nan")
+                  for r in rows]
+            style = "-o" if system == "gag" else ("--" if system == "base" else ":.")
+            ax.plot(xs, ys, style, label=system)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xlabel(", ".join(short_names(summary.swept).values()) or "job")
+        ax.set_ylabel(f"{METRICS[metric]} x100")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"sweep: {summary.sweep_name or summary.root.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_csv(summary: Summary, path: Path) -> Path:
+    rows = summary.rows()
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_summary(summary: Summary, make_plot: bool = True) -> dict[str, Path]:
+    """summary.md (+ summary.csv, summary.png) in the multirun folder; returns their paths."""
+    root = summary.root
+    table = markdown_table(summary)
+    paths = {"csv": write_csv(summary, root / "summary.csv")}
+    png = plot(summary, root / "summary.png") if make_plot else None
+    if png:
+        paths["png"] = png
+    first = next((j for j in summary.jobs if j.eval_artifact), None)
+    ok = sum(bool(j.metrics) for j in summary.jobs)
+    text = [f"# Sweep summary: {summary.sweep_name or root.name}", "",
+            f"`{root}`: {len(summary.jobs)} jobs ({ok} with eval metrics); swept: "
+            f"{', '.join(f'`{k}`' for k in summary.swept) or 'nothing'}.",
+            "Scores x100 on the eval split (BERTScore F1, STS cosine); gag-base = GAG minus the base alone; "
+            "gag val NLL = the answer NLL at the adapter's last validation.", ""]
+    if first:
+        text += [f"Eval artifact of job {first.dir.name}: `{first.eval_artifact}`", ""]
+    text += [table, ""]
+    if png:
+        text += [f"![{png.stem}]({png.name})", ""]
+    paths["md"] = root / "summary.md"
+    paths["md"].write_text("\n".join(text), encoding="utf-8")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gag_lightning.summarize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("multirun_dir", help="a Hydra multirun folder (logs/<task>/multiruns/<...>)")
+    parser.add_argument("--no-plot", action="store_true", help="skip summary.png")
+    args = parser.parse_args(argv)
+    try:
+        summary = collect(args.multirun_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    paths = write_summary(summary, make_plot=not args.no_plot)
+    print(markdown_table(summary))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0 if any(j.metrics for j in summary.jobs) else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
