@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+# idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning workers stall every batch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -5,7 +5,7 @@
 
 For each batch size it runs the memory stage's own code (BackgroundJob -> BackgroundStore, MemoryJob ->
 MemoryBank) in a temporary folder and prints records/s and generated tokens/s for the generation step,
-the extraction step and both together, whether the backgrounds equal those of the first batch size, and
+the extraction step and both together (wall clock, and per CPU-second of this process), whether the backgrounds equal those of the first batch size, and
 the bank's bytes per record next to the K*S*H_e*2 floor of a float16 memory plus its JSON metadata.
 The reference release decodes one question at a time (METHOD.md section 8); the ratio column is the
 speed-up of batching on this machine.
@@ -82,19 +82,25 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     # Load on a shared machine drifts over minutes: run the batch sizes interleaved, one chunk of records
     # (the largest batch size) at a time, alternating their order, so every batch size sees the same load.
     chunk = max(args.batch_sizes)
-    stats = {b: {"gen_s": 0.0, "gen_rec": 0, "gen_tok": 0, "ext_s": 0.0, "ext_rec": 0} for b in args.batch_sizes}
+    stats = {b: {"gen_s": 0.0, "gen_cpu": 0.0, "gen_rec": 0, "gen_tok": 0, "ext_s": 0.0, "ext_cpu": 0.0, "ext_rec": 0}
+             for b in args.batch_sizes}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for k, start in enumerate(range(0, len(records), chunk)):
             upto = records[: start + chunk]
             for batch in args.batch_sizes if k % 2 == 0 else list(reversed(args.batch_sizes)):
+                cpu = time.process_time()
                 gen = generate_backgrounds(model, tokenizer, upto, tmp / f"bg{batch}", settings, config, stops,
                                            batch_size=batch, progress=not args.no_progress)
+                gen_cpu, cpu = time.process_time() - cpu, time.process_time()
                 store = BackgroundStore.open(tmp / f"bg{batch}")
                 schema = memory_schema(fingerprint, hidden, compression, store.fingerprint)
                 ext = build_memory_bank(model, store.read_all(), tmp / f"bank{batch}", schema, compression,
                                         batch_size=batch, progress=not args.no_progress)
+                ext_cpu = time.process_time() - cpu
                 st = stats[batch]
+                st["gen_cpu"] += gen_cpu
+                st["ext_cpu"] += ext_cpu
                 st["gen_s"] += gen.seconds
                 st["gen_rec"] += gen.records
                 st["gen_tok"] += gen.tokens
@@ -111,6 +117,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 "model": name, "batch": batch, "records": n,
                 "gen_rec_s": st["gen_rec"] / st["gen_s"], "gen_tok_s": st["gen_tok"] / st["gen_s"],
                 "ext_rec_s": st["ext_rec"] / st["ext_s"], "total_rec_s": n / (st["gen_s"] + st["ext_s"]),
+                "gen_rec_cpu": st["gen_rec"] / st["gen_cpu"], "total_rec_cpu": n / (st["gen_cpu"] + st["ext_cpu"]),
                 "mean_tokens": st["gen_tok"] / max(st["gen_rec"], 1),
                 "same_tokens": sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens),
                 "tensor_b": sizes["safetensors"] / n, "meta_b": (sizes["jsonl"] + sizes["json"]) / n,
@@ -139,19 +146,21 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{args.records} records, max {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs, "
           f"load average {load} (batch sizes run interleaved)")
-    head = (f"{'model':8} {'batch':>5} {'gen rec/s':>10} {'x batch1':>8} {'gen tok/s':>10} {'extract rec/s':>13} "
-            f"{'total rec/s':>11} {'x batch1':>8} {'tokens/rec':>10} {'same tokens':>11} {'bytes/rec':>9} {'tensor':>7} {'meta':>6} "
-            f"{'K*S*H*2':>8}")
+    head = (f"{'model':8} {'batch':>5} {'gen rec/s':>9} {'gen tok/s':>9} {'x b1':>5} {'x b1 cpu':>8} "
+            f"{'extract rec/s':>13} {'total rec/s':>11} {'x b1':>5} {'x b1 cpu':>8} {'tok/rec':>7} {'same':>5} "
+            f"{'bytes/rec':>9} {'tensor':>7} {'meta':>5} {'K*S*H*2':>7}")
     print(head)
     print("-" * len(head))
     base: dict[str, dict] = {}
     for r in rows:
         b = base.setdefault(r["model"], r)
-        print(f"{r['model']:8} {r['batch']:>5} {r['gen_rec_s']:>10.2f} {r['gen_rec_s'] / b['gen_rec_s']:>8.2f} "
-              f"{r['gen_tok_s']:>10.1f} {r['ext_rec_s']:>13.1f} "
-              f"{r['total_rec_s']:>11.2f} {r['total_rec_s'] / b['total_rec_s']:>8.2f} {r['mean_tokens']:>10.1f} "
-              f"{r['same_tokens']:>11.0%} {r['tensor_b'] + r['meta_b']:>9.0f} {r['tensor_b']:>7.0f} "
-              f"{r['meta_b']:>6.0f} {r['floor_b']:>8}")
+        print(f"{r['model']:8} {r['batch']:>5} {r['gen_rec_s']:>9.2f} {r['gen_tok_s']:>9.1f} "
+              f"{r['gen_rec_s'] / b['gen_rec_s']:>5.2f} {r['gen_rec_cpu'] / b['gen_rec_cpu']:>8.2f} "
+              f"{r['ext_rec_s']:>13.1f} {r['total_rec_s']:>11.2f} {r['total_rec_s'] / b['total_rec_s']:>5.2f} "
+              f"{r['total_rec_cpu'] / b['total_rec_cpu']:>8.2f} {r['mean_tokens']:>7.1f} {r['same_tokens']:>5.0%} "
+              f"{r['tensor_b'] + r['meta_b']:>9.0f} {r['tensor_b']:>7.0f} {r['meta_b']:>5.0f} {r['floor_b']:>7}")
+    print("x b1: records/s relative to batch 1 (wall clock; 'cpu': per CPU-second of this process, which a busy "
+          "machine distorts less).")
     print("bytes/rec = safetensors (tensor: memories + index + header) + JSON metadata (meta: id, question, answer, "
           "background, lengths + schema); the float16 memory floor is K*S*H*2.")
 

@@ -137,24 +137,63 @@ def test_adding_a_domain_only_moves_routes_into_it(compose_cfg, smoke_run, tmp_p
     assert base["banks"].keys() == {"general", "demo"}
 
 
-def test_query_mode_prints_route_and_scores(compose_cfg, smoke_run, capsys) -> None:
+@pytest.fixture(scope="module")
+def smoke_pipeline(smoke_run) -> dict:
+    """The tiny pipeline (dapt -> eval) into the same artifacts, so routed answering has a domain path."""
+    from gag_lightning.pipeline import run as run_pipeline
+    from tests.conftest import compose
+
+    cfg = compose(["experiment=smoke", "print_config=false", f"paths.artifacts={smoke_run['artifacts']}",
+                   f"paths.output_dir={smoke_run['out'] / 'pipeline'}", f"paths.cache_dir={ROOT / '.cache'}"])
+    run_pipeline(cfg)
+    return smoke_run
+
+
+def test_query_mode_prints_route_scores_and_answer(compose_cfg, smoke_pipeline, capsys) -> None:
     queries = "['What is the capital of France?','Who discovered the compound Veltrium oxide?']"
-    result = run(_cfg(compose_cfg, smoke_run, "mode=query", f"query={queries}"))
+    result = run(_cfg(compose_cfg, smoke_pipeline, "mode=query", f"query={queries}"))
     assert [set(r["scores"]) for r in result["routes"]] == [{"general", "demo"}] * 2
     assert all(r["route"] in ("general", "demo") for r in result["routes"])
-    text = capsys.readouterr().out
-    assert "What is the capital of France?" in text
-    if not answering_available():
-        assert "needs the GAG injection stage" in text and "answers" not in result
+    assert len(result["answers"]) == 2 and all(isinstance(a, str) for a in result["answers"])
+    assert "What is the capital of France?" in capsys.readouterr().out
 
 
-def test_query_mode_without_query_and_answer_mode_without_answering(compose_cfg, smoke_run) -> None:
+def test_answer_mode_scores_per_dataset_and_general_matches_base(compose_cfg, smoke_pipeline, tmp_path) -> None:
+    from gag_lightning.eval.generation import generate_batched
+    from gag_lightning.pipeline.evaluate import decoding_config
+    from gag_lightning.pipeline.gag import load_base
+    from gag_lightning.prompts import (
+        GENERAL_INSTRUCTION,
+        GENERAL_REQUEST_TEXT,
+        plain_user_text,
+        render_prompt,
+    )
+
+    assert answering_available()
+    cfg = _cfg(compose_cfg, smoke_pipeline, "mode=answer", f"paths.output_dir={tmp_path}")
+    result = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 120 and len(result["answers"]) == 120
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["systems"]["routed"]
+    groups = metrics["groups"]
+    assert "em" in groups["nq"] and "bertscore_f1" in groups["demo"] and "sts" in groups["demo"]
+    assert (tmp_path / "report.md").is_file()
+    # the general route is the base alone with the general prompt, decoded the same way
+    general = [r for r in rows if r["route"] == "general"]  # same queries, same batches as the routed run
+    assert general, "the tiny router sent no query to general"
+    base, tok, _, _ = load_base(cfg)
+    prompts = [tok(render_prompt(tok, [{"role": "user", "content": plain_user_text(
+        GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, r["question"])}]), add_special_tokens=False)["input_ids"]
+        for r in general]
+    from gag_lightning.prompts import stop_token_ids
+
+    alone = generate_batched(base.eval(), tok, prompts, decoding_config(cfg), stop_token_ids(tok, base.generation_config))
+    assert [g.text for g in alone] == [r["prediction"] for r in general]
+
+
+def test_query_mode_without_query(compose_cfg, smoke_run) -> None:
     with pytest.raises(GAGError, match="mode=query needs"):
         run(_cfg(compose_cfg, smoke_run, "mode=query"))
-    if answering_available():
-        pytest.skip("gag_lightning.routing.answer exists: mode=answer is covered by its own tests")
-    with pytest.raises(GAGError, match="mode=answer needs routed answering"):
-        run(_cfg(compose_cfg, smoke_run, "mode=answer"))
 
 
 def test_route_specs_errors() -> None:

@@ -54,11 +54,14 @@ def container(node: Any) -> Any:
     return node
 
 
+# memory-stage keys that set throughput or resume granularity, not the tokens or tensors produced
+_MEMORY_RUNTIME_KEYS = {"batch_size", "shard_size", "progress"}
+
+
 def _node(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    if stage == "backgrounds":
-        return _strip(container(cfg.memory.generation))
-    if stage == "memory":
-        return _strip(container(cfg.memory.compression))
+    if stage in ("backgrounds", "memory"):
+        node = _strip(container(cfg.memory.generation if stage == "backgrounds" else cfg.memory.compression))
+        return {k: v for k, v in node.items() if k not in _MEMORY_RUNTIME_KEYS}
     return _strip(container(cfg[stage]))
 
 
