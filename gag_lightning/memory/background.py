@@ -162,6 +162,19 @@ class ProgressBar:
         self.bar.close()
 
 
+def account_batch(job: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Per-batch bookkeeping shared by the background and memory jobs: stats, progress bar, batch hook."""
+    tokens = sum(len(r["token_ids"]) for r in rows)
+    job.stats.records += len(rows)
+    job.stats.tokens += tokens
+    job.stats.batches += 1
+    job.stats.seconds = time.perf_counter() - job._t0
+    if job._bar is not None:
+        job._bar.update(len(rows), tokens)
+    if job.on_batch is not None:
+        job.on_batch(job.stats.batches)
+
+
 class BackgroundJob:
     """Generate the missing backgrounds of `records` into the store at `folder`, batch by batch."""
 
@@ -240,15 +253,7 @@ class BackgroundJob:
                          "background": gen.text, "token_ids": list(gen.token_ids), "finished": bool(gen.finished),
                          "prompt_ids": prompt})
         self.store.append(rows)
-        tokens = sum(len(r["token_ids"]) for r in rows)
-        self.stats.records += len(rows)
-        self.stats.tokens += tokens
-        self.stats.batches += 1
-        self.stats.seconds = time.perf_counter() - self._t0
-        if self._bar is not None:
-            self._bar.update(len(rows), tokens)
-        if self.on_batch is not None:
-            self.on_batch(self.stats.batches)
+        account_batch(self, rows)
         return rows
 
     def close(self, flush: bool = True) -> JobStats:

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 
 from gag_lightning.eval.generation import shared_prefix_len
-from gag_lightning.memory.background import BatchHook, JobStats, ProgressBar, plan_batches, run_job
+from gag_lightning.memory.background import (
+    BatchHook,
+    JobStats,
+    ProgressBar,
+    account_batch,
+    plan_batches,
+    run_job,
+)
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.memory.compression import build_memories, layer_indices
 
@@ -206,15 +213,7 @@ class MemoryJob:
         self._memories.append(memories)
         while len(self._metas) >= self.shard_size:
             self._write(self.shard_size)
-        tokens = sum(len(r["token_ids"]) for r in rows)
-        self.stats.records += len(rows)
-        self.stats.tokens += tokens
-        self.stats.batches += 1
-        self.stats.seconds = time.perf_counter() - self._t0
-        if self._bar is not None:
-            self._bar.update(len(rows), tokens)
-        if self.on_batch is not None:
-            self.on_batch(self.stats.batches)
+        account_batch(self, rows)
         return memories
 
     def close(self, flush: bool = True) -> JobStats:
