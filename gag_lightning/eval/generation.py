@@ -251,6 +251,16 @@ def _default_embed(model: Any) -> EmbedFn:
     return embed
 
 
+def _to_generation(seq: Sequence[int], stop_set: set[int], tokenizer: Any) -> Generation:
+    """Cut a decoded row at its first stop token (excluded); `finished` says whether one was reached."""
+    tokens: list[int] = []
+    for t in seq:
+        if t in stop_set:
+            return Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, True)
+        tokens.append(t)
+    return Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, False)
+
+
 @torch.inference_mode()
 def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                      stop_ids: Sequence[int], embed_fn: EmbedFn | None = None,
@@ -289,15 +299,7 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
                                     share_prefix, progress)
         if engine.supported():
             for row_idx, seq in engine.run().items():
-                tokens = []
-                finished = False
-                for t in seq:
-                    if t in stop_set:
-                        finished = True
-                        break
-                    tokens.append(t)
-                results[row_idx] = Generation(text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                              token_ids=tokens, finished=finished)
+                results[row_idx] = _to_generation(seq, stop_set, tokenizer)
             return [r for r in results if r is not None]
     for start in range(0, len(order), decoding.batch_size):
         rows = order[start: start + decoding.batch_size]
@@ -309,15 +311,7 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         out = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs, **extra)
         out = out[:, -decoding.max_new_tokens:] if out.shape[1] > decoding.max_new_tokens else out
         for row_idx, seq in zip(rows, out.tolist(), strict=True):
-            tokens: list[int] = []
-            finished = False
-            for t in seq:
-                if t in stop_set:
-                    finished = True
-                    break
-                tokens.append(t)
-            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results[row_idx] = Generation(text=text, token_ids=tokens, finished=finished)
+            results[row_idx] = _to_generation(seq, stop_set, tokenizer)
         if progress is not None:
             progress(len(rows))
     return [r for r in results if r is not None]
