@@ -32,18 +32,24 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def memory_root(cfg: DictConfig, override: str | None = None) -> Path:
-    """The memory artifact folder (holding one bank per split): an explicit path or this config's artifact."""
+def _upstream_dir(cfg: DictConfig, stage: str, override: str | None, what: str, how: str) -> Path:
+    """An explicitly given folder (must exist), else this config's finished `stage` artifact."""
     if override:
         folder = Path(str(override)).expanduser()
         if not folder.is_dir():
-            raise MissingArtifactError(f"memory folder {folder} (given explicitly) does not exist")
+            raise MissingArtifactError(f"{what} folder {folder} (given explicitly) does not exist")
         return folder
-    folder = artifact_dir(cfg, "memory")
-    require_artifact(folder, "memory", hint=(
-        f"Run `python train.py stage=memory model={cfg.model.name} domain={cfg.domain.name}` first (same "
-        "overrides), or give the folder of an existing memory artifact with gag.memory_dir=/path."))
+    folder = artifact_dir(cfg, stage)
+    require_artifact(folder, stage, hint=(
+        f"Run `python train.py stage={stage} model={cfg.model.name} domain={cfg.domain.name}` first (same "
+        f"overrides), or give {how}."))
     return folder
+
+
+def memory_root(cfg: DictConfig, override: str | None = None) -> Path:
+    """The memory artifact folder (holding one bank per split): an explicit path or this config's artifact."""
+    return _upstream_dir(cfg, "memory", override, "memory", "the folder of an existing memory artifact with "
+                         "gag.memory_dir=/path")
 
 
 def memory_bank_dir(cfg: DictConfig, split: str, override: str | None = None) -> Path:
@@ -217,16 +223,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
 
 def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     """The trained adapter for this config (what the eval stage reads), or an explicit folder."""
-    if override:
-        folder = Path(str(override)).expanduser()
-        if not folder.is_dir():
-            raise MissingArtifactError(f"adapter folder {folder} (given explicitly) does not exist")
-        return folder
-    folder = artifact_dir(cfg, "gag")
-    require_artifact(folder, "gag", hint=(
-        f"Run `python train.py stage=gag model={cfg.model.name} domain={cfg.domain.name}` first (same "
-        "overrides), or give a trained adapter folder with eval.adapter=/path."))
-    return folder
+    return _upstream_dir(cfg, "gag", override, "adapter", "a trained adapter folder with eval.adapter=/path")
 
 
 __all__ = ["base_identity", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
