@@ -1,6 +1,6 @@
 """Memory building throughput: batch 1 vs batch 16 on the same records and expert, and bytes on disk per record.
 
-    python bench/memory_build.py                      # tiny and smollm2, 32 records, the domain's max new tokens
+    python bench/memory_build.py                      # tiny and smollm2, 64 records, the domain's max new tokens
     python bench/memory_build.py --model smollm2 --records 64 --max-new-tokens 48 --batch-sizes 1 16 32
 
 For each batch size it runs the memory stage's own code (BackgroundJob -> BackgroundStore, MemoryJob ->
@@ -80,8 +80,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     settings = background_settings(config, fingerprint, stops, split="bench")
     hidden = int(model.config.hidden_size)
     # Load on a shared machine drifts over minutes: run the batch sizes interleaved, one chunk of records
-    # (the largest batch size) at a time, alternating their order, so every batch size sees the same load.
-    chunk = max(args.batch_sizes)
+    # at a time, alternating their order, so every batch size sees the same load. A chunk is the memory
+    # stage's own job unit (queue_batches decoding batches of the largest size), so continuous batching
+    # refills rows exactly as it does in `stage=memory`.
+    chunk = max(args.batch_sizes) * args.queue_batches
     stats = {b: {"gen_s": 0.0, "gen_cpu": 0.0, "gen_rec": 0, "gen_tok": 0, "ext_s": 0.0, "ext_cpu": 0.0, "ext_rec": 0}
              for b in args.batch_sizes}
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +93,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             for batch in args.batch_sizes if k % 2 == 0 else list(reversed(args.batch_sizes)):
                 cpu = time.process_time()
                 gen = generate_backgrounds(model, tokenizer, upto, tmp / f"bg{batch}", settings, config, stops,
-                                           batch_size=batch, progress=not args.no_progress)
+                                           batch_size=batch, progress=not args.no_progress,
+                                           queue_batches=args.queue_batches)
                 gen_cpu, cpu = time.process_time() - cpu, time.process_time()
                 store = BackgroundStore.open(tmp / f"bg{batch}")
                 schema = memory_schema(fingerprint, hidden, compression, store.fingerprint)
@@ -131,7 +134,9 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["tiny", "smollm2"], help="model presets (conf/model)")
     parser.add_argument("--domain", default="demo")
     parser.add_argument("--data", default=None, help="QA file (default: the domain's train split)")
-    parser.add_argument("--records", type=int, default=32)
+    parser.add_argument("--records", type=int, default=64)
+    parser.add_argument("--queue-batches", type=int, default=4,
+                        help="decoding batches per job chunk (the memory stage's default is 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: the domain's background_max_new_tokens (48 for demo)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
