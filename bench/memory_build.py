@@ -64,9 +64,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     cfg = compose_cfg(name, args.domain)
     t0 = time.perf_counter()
     path = resolve_path(cfg.model.expert, args.cache_dir or cfg.paths.cache_dir)
-    model = load_causal_lm(path, "float32").eval()
+    model = load_causal_lm(path, args.dtype).eval().to(args.device)
     tokenizer = load_tokenizer(path)
-    print(f"\n== {name}: {path} (loaded in {time.perf_counter() - t0:.1f}s), torch threads {torch.get_num_threads()}")
+    print(f"\n== {name}: {path} (loaded in {time.perf_counter() - t0:.1f}s), {args.device} {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}")
     records = read_qa(args.data or cfg.domain.train)[: args.records]
     generation = OmegaConf.to_container(cfg.memory.generation, resolve=True)
     if args.max_new_tokens:
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: the domain's background_max_new_tokens (48 for demo)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--device", default="cpu", help="torch device of the expert (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", help="expert weights dtype (float32, bfloat16, float16)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")

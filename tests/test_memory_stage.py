@@ -316,3 +316,27 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
     # float16 storage: equal up to the rounding of float32 values that differ in the last bits
     torch.testing.assert_close(a.memories(), b.memories(), atol=1e-2, rtol=0)
     assert (a.memories(None) == b.memories(None)).float().mean() > 0.99
+
+
+def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None:
+    from gag_lightning.errors import GAGError
+    from gag_lightning.pipeline.keys import artifact_dir
+    from gag_lightning.pipeline.memory import split_limits
+
+    full = compose_cfg(["experiment=smoke"])
+    assert split_limits(full, ["train", "test"]) == {"train": None, "test": None}
+    capped = compose_cfg(["experiment=smoke", "memory.max_records={train: 8}"])
+    assert split_limits(capped, ["train", "test"]) == {"train": 8, "test": None}
+    assert split_limits(compose_cfg(["experiment=smoke", "memory.max_records=5"]), ["train", "test"]) == {
+        "train": 5, "test": 5}
+    # the cap decides which records get a background, so it names its own artifact folders
+    assert artifact_dir(capped, "backgrounds") != artifact_dir(full, "backgrounds")
+    assert artifact_dir(capped, "memory") != artifact_dir(full, "memory")
+    assert artifact_dir(capped, "sft") == artifact_dir(full, "sft")
+    with pytest.raises(GAGError, match="dev"):
+        split_limits(compose_cfg(["experiment=smoke", "memory.max_records={dev: 3}"]), ["train", "test"])
+    with pytest.raises(GAGError, match="positive integer"):
+        split_limits(compose_cfg(["experiment=smoke", "memory.max_records={train: 0}"]), ["train", "test"])
+    # the demo preset caps its CPU pipeline; the smoke experiment keeps every record
+    demo = compose_cfg([])
+    assert split_limits(demo, ["train", "test"]) == {"train": 96, "test": 40}

@@ -91,6 +91,8 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
         splits = list(cfg.memory.splits)
         key.update(data={s: file_digest(cfg.domain.get(s)) for s in splits},
                    **_expert_source(cfg, cfg.memory.get("expert", "sft")))
+        if cfg.memory.get("max_records") is not None:
+            key["max_records"] = container(cfg.memory.max_records)
         if key["config"].get("do_sample"):
             key["seed"] = cfg.seed
     elif stage == "memory":

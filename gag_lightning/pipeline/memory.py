@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
@@ -167,6 +167,26 @@ def _split_files(cfg: DictConfig) -> dict[str, Path]:
     return files
 
 
+def split_limits(cfg: DictConfig, splits: list[str]) -> dict[str, int | None]:
+    """`memory.max_records` per split: null (all records), one int for every split, or {split: N}."""
+    node = cfg.memory.get("max_records")
+    if node is None:
+        return {s: None for s in splits}
+    if isinstance(node, int) and not isinstance(node, bool):
+        limits = {s: node for s in splits}
+    elif OmegaConf.is_dict(node):
+        unknown = sorted(set(node) - set(splits))
+        if unknown:
+            raise GAGError(f"memory.max_records names split(s) {unknown} that are not in memory.splits={splits}")
+        limits = {s: node.get(s) for s in splits}
+    else:
+        raise GAGError(f"memory.max_records={node!r}: give null, an integer, or a mapping {{split: integer}}")
+    for split, n in limits.items():
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise GAGError(f"memory.max_records for split '{split}' is {n!r}; it must be a positive integer or null")
+    return limits
+
+
 def _hidden_size(expert_path: Path) -> int:
     from transformers import AutoConfig
 
@@ -283,7 +303,8 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
                 **_flatten_prefixed(bg_manifest["metrics"], "backgrounds/"), **mem_manifest["metrics"]}
 
     files = _split_files(cfg)
-    records = {split: read_qa(path) for split, path in files.items()}
+    limits = split_limits(cfg, list(files))
+    records = {split: read_qa(path)[: limits[split]] for split, path in files.items()}
     tokenizer = load_tokenizer(expert_path)
     stop_ids = stop_token_ids(tokenizer, _generation_config(expert_path))
     generation = container(cfg.memory.generation)

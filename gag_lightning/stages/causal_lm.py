@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from gag_lightning.models.losses import answer_nll
+from gag_lightning.stages.clipping import ShardAwareClipping
 
 
 def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -30,7 +30,7 @@ def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(ShardAwareClipping):
     """Full fine-tuning of a causal LM on labelled token batches (labels = -100 where not trained)."""
 
     def __init__(self, model: Any, lr: float = 5e-5, weight_decay: float = 0.01, warmup_ratio: float = 0.03,

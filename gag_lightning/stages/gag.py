@@ -32,6 +32,7 @@ from gag_lightning.models.losses import (
     semantic_loss,
 )
 from gag_lightning.stages.causal_lm import linear_warmup_schedule
+from gag_lightning.stages.clipping import ShardAwareClipping
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def loss_weights_tuple(weights: Mapping[str, float] | Sequence[float] | None) ->
     return values  # type: ignore[return-value]
 
 
-class GAGModule(L.LightningModule):
+class GAGModule(ShardAwareClipping):
     """Frozen base + trainable ``GAGAdapter``; loss = a_nll NLL + a_sem L_sem + a_div L_div.
 
     A weight of 0 skips its term (no hidden states are kept when a_sem = 0); NLL is still computed for
