@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,34 @@ from gag_lightning.errors import MissingArtifactError
 MANIFEST = "manifest.json"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file + rename so a reader never sees half a file."""
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Have `write(tmp)` fill a temp file beside `path`, then rename it over `path`.
+
+    A kill at any point leaves either the old file or the new one, never half a file. The temp file
+    is created by `write` itself (not mkstemp, which makes it 0600), so results get the usual
+    umask permissions and stay readable by the rest of a cluster group.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text durably (fsync) via a temp file + rename so a reader never sees half a file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, write)
 
 
 def config_hash(node: Any) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gag_lightning.artifacts import atomic_write
 from gag_lightning.errors import GAGError
 
 GAG_TOKEN = "<GAG>"
@@ -321,19 +320,6 @@ def inject(inputs_embeds: Tensor, input_ids: Tensor, gag_token_id: int, slot_vec
 # --------------------------------------------------------------------------------------------------------
 # Save / load (safetensors + JSON, atomic, never pickle)
 # --------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder and ``os.replace`` so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(adapter: GAGAdapter, folder: str | Path) -> Path:
     """Save the adapter's weights (incl. the learned layer mix) and config; never the base model."""
     from safetensors.torch import save_file
@@ -342,14 +328,14 @@ def save_adapter(adapter: GAGAdapter, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter.state_dict().items()}
     config = {"format_version": ADAPTER_FORMAT_VERSION, **adapter.config.to_dict()}
-    _atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_json(p: str) -> None:
         with open(p, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(folder / ADAPTER_CONFIG, write_json)
+    atomic_write(folder / ADAPTER_CONFIG, write_json)
     return folder
 
 

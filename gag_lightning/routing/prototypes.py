@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gag_lightning.artifacts import atomic_write
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 
 __all__ = ["build_prototype_bank", "PrototypeBank", "BANK_FORMAT", "BANK_VERSION"]
@@ -75,19 +75,6 @@ def build_prototype_bank(
     km.fit(data)
     centres = torch.from_numpy(km.cluster_centers_).to(torch.float32)
     return F.normalize(centres, p=2, dim=1).contiguous()
-
-
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder + os.replace: a kill never leaves half a bank."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -190,7 +177,7 @@ class PrototypeBank:
             "meta": json.dumps(self.meta, sort_keys=True),
         }
         tensors = {"prototypes": self.prototypes.to(torch.float32).contiguous()}
-        _atomic_write_bytes(out / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata=st_meta))
+        atomic_write(out / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata=st_meta))
 
         def _write_json(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -199,7 +186,7 @@ class PrototypeBank:
                 fh.flush()
                 os.fsync(fh.fileno())
 
-        _atomic_write_bytes(out / JSON_FILE, _write_json)
+        atomic_write(out / JSON_FILE, _write_json)
         return out
 
     @classmethod
