@@ -74,3 +74,32 @@ def test_train_py_prints_composed_config():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "stage_name:" in out.stdout and "name: tiny" in out.stdout
+
+
+def test_artifact_folders_follow_data_content_not_location(compose_cfg, tmp_path):
+    import shutil
+
+    from gag_lightning.pipeline.keys import artifact_dir
+
+    src = ROOT / "data" / "demo"
+    copies = []
+    for name in ("a", "b"):
+        dst = tmp_path / name
+        dst.mkdir()
+        for file in ("knowledge_base.jsonl", "train.jsonl", "test.jsonl"):
+            shutil.copy(src / file, dst / file)
+        copies.append(dst)
+
+    def cfg_for(folder):
+        return compose_cfg(["experiment=smoke", f"domain.knowledge_base={folder / 'knowledge_base.jsonl'}",
+                            f"domain.train={folder / 'train.jsonl'}", f"domain.test={folder / 'test.jsonl'}"])
+
+    stages = ("dapt", "sft", "backgrounds", "memory", "gag", "eval")
+    first, second = cfg_for(copies[0]), cfg_for(copies[1])
+    assert [artifact_dir(first, s) for s in stages] == [artifact_dir(second, s) for s in stages]
+    # an edited test file changes the SFT artifact (its report is on the test split) and everything downstream
+    with (copies[1] / "test.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"input": "One more question?", "output": "One more answer."}\n')
+    edited = cfg_for(copies[1])
+    assert artifact_dir(edited, "dapt") == artifact_dir(first, "dapt")
+    assert all(artifact_dir(edited, s) != artifact_dir(first, s) for s in stages[1:])

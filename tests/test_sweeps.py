@@ -148,7 +148,11 @@ def test_two_job_sweep_shares_upstream_artifacts_and_summarizes(tmp_path, capsys
         results = json.loads((job / "results.json").read_text())
         assert f"memory.compression.slots={slots}" in results["overrides"] and results["sweep_name"] == "slots"
         assert results["stages"]["eval"]["eval/gag/bertscore_f1"] is not None
-        assert len(list((job / "wandb").glob("offline-run-*"))) >= 2, "gag and eval leave offline wandb runs"
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) >= 2, "gag and eval leave offline wandb runs"
+        # run names tell the jobs apart on a dashboard: job number and swept value
+        label = f"job{job.name}-slots={slots}".encode()
+        assert all(any(label in f.read_bytes() for f in run.glob("*.wandb")) for run in runs), label
     folders = [p.name.split("-")[0] for p in (artifacts / "tiny" / "demo").iterdir()]
     counts = {stage: folders.count(stage) for stage in ("dapt", "sft", "backgrounds", "memory", "gag", "eval")}
     assert counts == {"dapt": 1, "sft": 1, "backgrounds": 1, "memory": 2, "gag": 2, "eval": 2}, counts

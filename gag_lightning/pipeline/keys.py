@@ -41,10 +41,17 @@ def file_digest(path: str | Path | None) -> str | None:
 
 
 def _strip(node: Any) -> Any:
+    """Drop non-result keys; a data file named by an absolute path is keyed by its content digest instead.
+
+    With paths in the key, a moved checkout or another mount point of the same data would recompute
+    every stage; with digests, an edited file still invalidates what was built from it.
+    """
     if isinstance(node, dict):
         return {k: _strip(v) for k, v in node.items() if k not in _NON_RESULT_KEYS}
     if isinstance(node, list):
         return [_strip(v) for v in node]
+    if isinstance(node, str) and node.startswith("/") and Path(node).is_file():
+        return f"file:{file_digest(node)}"
     return node
 
 

@@ -14,6 +14,29 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+def multirun_job_label() -> str:
+    """`job<N>` plus the swept values of this multirun job (e.g. `job1-slots=2`); empty outside a multirun.
+
+    wandb shows runs by name: without this, the jobs of a sweep would all be called the same.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return ""
+    if "MULTIRUN" not in str(hydra_cfg.mode):
+        return ""
+    swept = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    values = []
+    for override in hydra_cfg.overrides.task:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in swept:
+            values.append(f"{key.split('.')[-1]}={value}")
+    return "-".join([f"job{hydra_cfg.job.num}", *values])
+
+
 def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
     """One logger set per stage: CSV/TensorBoard in a stage sub-folder, one wandb run per stage (job type)."""
     loggers = []
@@ -26,7 +49,8 @@ def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
             node["name"] = stage
         elif target.endswith("WandbLogger"):
             node["job_type"] = stage
-            node["name"] = f"{stage}-{cfg.model.name}-{cfg.domain.name}-seed{cfg.seed}"
+            label = multirun_job_label()
+            node["name"] = f"{stage}-{cfg.model.name}-{cfg.domain.name}-seed{cfg.seed}" + (f"-{label}" if label else "")
         logger = instantiate(node)
         # the whole composed config, not instantiated (its nodes carry _target_ keys)
         config = OmegaConf.to_container(cfg, resolve=True)
