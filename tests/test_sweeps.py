@@ -199,3 +199,19 @@ def test_summarize_reads_results_log_fallback_and_failed_jobs(tmp_path, capsys):
     assert lines[1].startswith("| 0 | a | 50.00 | 55.00 | +5.00 | 60.00 | 70.00 | +10.00 | 1.2500 | ok |")
     assert lines[2].startswith("| 1 | b | 50.00 | 45.00 | -5.00 |") and lines[3].startswith("| 2 | c | - |")
     assert (root / "summary.csv").is_file() and (root / "summary.png").is_file()
+
+
+def test_a_skipped_stage_still_logs_its_recorded_metrics(compose_cfg, tmp_path):
+    """A sweep job whose artifacts exist keeps its place on the dashboards: one run per stage, from the manifest."""
+    import csv
+
+    from gag_lightning.pipeline.trainer import log_reused_stage
+
+    cfg = compose_cfg(["experiment=smoke", "logger=[csv,wandb]"])
+    log_reused_stage(cfg, "eval", {"artifact": "/x/eval-1", "skipped": True, "eval/gag/bertscore_f1": 0.61,
+                                   "eval/gag/empty": 0, "eval/base/sts": float("nan")})
+    rows = list(csv.DictReader((tmp_path / "out" / "eval" / "metrics.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["eval/gag/bertscore_f1"]) == 0.61 and rows[0]["eval/gag/empty"] == "0.0"
+    assert "eval/base/sts" not in rows[0] and "artifact" not in rows[0]
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(b"-reused" in f.read_bytes() for f in runs[0].glob("*.wandb"))

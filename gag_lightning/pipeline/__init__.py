@@ -29,4 +29,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     for stage in cfg.run_stages:
         log.info("=== stage %s ===", stage)
         results[stage] = registry[stage](cfg)
+        if results[stage].get("skipped"):
+            from gag_lightning.pipeline.trainer import log_reused_stage
+
+            log_reused_stage(cfg, stage, results[stage])
     return results

@@ -37,8 +37,12 @@ def multirun_job_label() -> str:
     return "-".join([f"job{hydra_cfg.job.num}", *values])
 
 
-def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
-    """One logger set per stage: CSV/TensorBoard in a stage sub-folder, one wandb run per stage (job type)."""
+def make_loggers(cfg: DictConfig, stage: str, reused: bool = False) -> list[Any]:
+    """One logger set per stage: CSV/TensorBoard in a stage sub-folder, one wandb run per stage (job type).
+
+    `reused=True` names the run `<...>-reused` and tags it: the stage was skipped and its metrics come
+    from the artifact's manifest (see `log_reused_stage`).
+    """
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
@@ -51,6 +55,9 @@ def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
             node["job_type"] = stage
             label = multirun_job_label()
             node["name"] = f"{stage}-{cfg.model.name}-{cfg.domain.name}-seed{cfg.seed}" + (f"-{label}" if label else "")
+            if reused:
+                node["name"] += "-reused"
+                node["tags"] = [*(node.get("tags") or []), "reused"]
         logger = instantiate(node)
         # the whole composed config, not instantiated (its nodes carry _target_ keys)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -58,6 +65,21 @@ def make_loggers(cfg: DictConfig, stage: str) -> list[Any]:
         logger.log_hyperparams(config)
         loggers.append(logger)
     return loggers
+
+
+def log_reused_stage(cfg: DictConfig, stage: str, metrics: dict[str, Any]) -> None:
+    """Give a skipped stage its logger run anyway, with the final metrics its manifest recorded.
+
+    A sweep job whose gag/eval artifact already exists (another job or an earlier run built it) would
+    otherwise be missing from the wandb dashboard and the CSV logs; curves are not replayed, only the
+    recorded end values (metrics, losses, learned layer mix).
+    """
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+    loggers = make_loggers(cfg, stage, reused=True)
+    for logger in loggers:
+        logger.log_metrics(numeric, step=0)
+    finish_loggers(loggers)
 
 
 def finish_loggers(loggers: list[Any]) -> None:
