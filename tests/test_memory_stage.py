@@ -340,3 +340,19 @@ def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None
     # the demo preset caps its CPU pipeline; the smoke experiment keeps every record
     demo = compose_cfg([])
     assert split_limits(demo, ["train", "test"]) == {"train": 96, "test": 40}
+
+
+def test_whole_pipeline_under_ddp_with_two_processes(tmp_path) -> None:
+    """After a DDP fit every rank runs the rest of the pipeline: manifests must be in place before any rank moves
+    on (barriers), one rank removes the adapter's `last/` copy, and evaluation runs once, on rank 0."""
+    artifacts = tmp_path / "artifacts"
+    proc = _train(["hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"paths.artifacts={artifacts}",
+                   f"hydra.run.dir={tmp_path / 'run'}", "memory.max_records=16", "eval.systems=[base,gag]",
+                   "sft.report_before_after=false"], timeout=420)
+    out = proc.stdout + proc.stderr
+    assert "rank 1: evaluation runs on rank 0 only" in out
+    assert out.count("[eval] base: 16 records") == 1 and out.count("[eval] gag: 16 records") == 1
+    for stage in ("dapt", "sft", "memory", "gag", "eval"):
+        assert (_only_folder(artifacts, stage) / "manifest.json").is_file(), stage
+    assert (_only_folder(artifacts, "gag") / "adapter.safetensors").is_file()
+    assert (_only_folder(artifacts, "eval") / "report.md").is_file()

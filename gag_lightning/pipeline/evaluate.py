@@ -73,6 +73,15 @@ def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
+def _distributed_rank() -> int:
+    """This process's global rank when a process group is up (after a multi-device fit), else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return int(dist.get_rank())
+    return 0
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from gag_lightning.data.gag import check_bank_against_adapter
     from gag_lightning.eval.harness import (
@@ -89,6 +98,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
+    rank = _distributed_rank()
+    if rank:
+        # after a DDP fit every rank runs the rest of the pipeline; evaluation is one process's job (it would
+        # otherwise decode everything once per rank, on one GPU, and write the same files concurrently)
+        log.info("[eval] rank %d: evaluation runs on rank 0 only", rank)
+        return {"artifact": str(out_dir), "rank_skipped": rank}
     manifest = read_manifest(out_dir)
     title = f"{cfg.model.name} / {cfg.domain.name} / {node.split}"
     if manifest is not None:

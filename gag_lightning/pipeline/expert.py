@@ -121,6 +121,7 @@ def run_causal_stage(cfg: DictConfig, stage: str) -> dict[str, Any]:
                                                            "init_fingerprint": fingerprint_dir(init_path)},
                        metrics=metrics, extra={"best_step": export.best_step, "run_dir": str(cfg.paths.output_dir),
                                                "stage_config": container(node)})
+    trainer.strategy.barrier(f"{stage}-manifest")  # no rank moves on before the artifact is complete
     log.info("[%s] done: %s (%s written last)", stage, out_dir, MANIFEST)
     return {"artifact": str(out_dir), **metrics}
 

@@ -199,7 +199,8 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     if ckpt.best is not None:
         metrics["best_val/loss"] = ckpt.best
     finish_loggers(loggers)
-    ckpt.discard_last(trainer.global_step)
+    if trainer.is_global_zero:  # rank 0 wrote the adapters; two ranks removing one folder would race
+        ckpt.discard_last(trainer.global_step)
     adapter_bytes = AdapterCheckpoint.size_bytes(out_dir)
     base_bytes = weights_bytes(base_dir)
     metrics.update(adapter_bytes=adapter_bytes, base_bytes=base_bytes,
@@ -216,6 +217,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
                        metrics=metrics,
                        extra={"kept": keep, "best_step": ckpt.best_step, "global_step": trainer.global_step,
                               "run_dir": str(cfg.paths.output_dir), "stage_config": container(node)})
+    trainer.strategy.barrier("gag-manifest")  # no rank moves on before the artifact is complete
     log.info("[gag] done: %s (adapter %.2f MB = %.2f%% of the base's %.1f MB; %s written last)", out_dir,
              adapter_bytes / 2**20, 100 * adapter_bytes / max(base_bytes, 1), base_bytes / 2**20, MANIFEST)
     return {"artifact": str(out_dir), **metrics}

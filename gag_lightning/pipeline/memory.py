@@ -95,6 +95,11 @@ class _Runner:
     def is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
 
+    def barrier(self, name: str) -> None:
+        """Hold every rank until rank 0 has written what the next step (or stage) reads."""
+        if self.trainer is not None:
+            self.trainer.strategy.barrier(name)
+
     def run(self, job: Any) -> tuple[Any, float]:
         if self.trainer is None:
             kwargs = trainer_kwargs(self.cfg, self.cfg.memory.get("trainer"))
@@ -336,6 +341,7 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
             write_manifest(bg_root, "backgrounds", config=stage_key(cfg, "backgrounds"),
                            inputs=_inputs(expert_path, expert_fp, files), metrics=_flatten(bg_metrics),
                            extra={"settings": settings, "run_dir": str(cfg.paths.output_dir)})
+        runner.barrier("backgrounds-manifest")
         bg_flat = _flatten(bg_metrics)
     else:
         log.info("[memory] backgrounds already complete: %s (reusing)", bg_root)
@@ -368,6 +374,7 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
                        extra={"schema": {s: MemoryBank.open(mem_root / s).schema.to_dict() for s in files},
                               "splits": list(files), "run_dir": str(cfg.paths.output_dir)})
         log.info("[memory] done: %s (%s written last)", mem_root, MANIFEST)
+    runner.barrier("memory-manifest")
     return {"artifact": str(mem_root), "backgrounds": str(bg_root), **_flatten_prefixed(bg_flat, "backgrounds/"),
             **metrics}
 
