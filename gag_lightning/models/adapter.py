@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gag_lightning.artifacts import atomic_write
+from gag_lightning.artifacts import atomic_write, atomic_write_text
 from gag_lightning.errors import GAGError
 
 GAG_TOKEN = "<GAG>"
@@ -329,13 +329,7 @@ def save_adapter(adapter: GAGAdapter, folder: str | Path) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter.state_dict().items()}
     config = {"format_version": ADAPTER_FORMAT_VERSION, **adapter.config.to_dict()}
     atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-
-    def write_json(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(folder / ADAPTER_CONFIG, write_json)
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gag_lightning.artifacts import atomic_write
+from gag_lightning.artifacts import atomic_write, atomic_write_text
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 
 __all__ = ["build_prototype_bank", "PrototypeBank", "BANK_FORMAT", "BANK_VERSION"]
@@ -178,15 +178,7 @@ class PrototypeBank:
         }
         tensors = {"prototypes": self.prototypes.to(torch.float32).contiguous()}
         atomic_write(out / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata=st_meta))
-
-        def _write_json(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(header, fh, indent=2, ensure_ascii=False)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-
-        atomic_write(out / JSON_FILE, _write_json)
+        atomic_write_text(out / JSON_FILE, json.dumps(header, indent=2, ensure_ascii=False) + "\n")
         return out
 
     @classmethod
