@@ -161,7 +161,10 @@ class _ContinuousBatcher:
         self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.prefix = shared_prefix_len([prompts[i] for i in order]) if share_prefix else 0
         self.prefix_cache: Any = None
-        self.stop_tensor = torch.tensor(sorted(stop_set))
+        from transformers import StoppingCriteriaList
+
+        self.rows_stopped = _rows_stopped_class()(torch.tensor(sorted(stop_set)), 0)
+        self.criteria = StoppingCriteriaList([self.rows_stopped])
         self.refill = max(1, width // 4)  # rows that must stop before a round ends to take new prompts
 
     def _forward_cache(self, embeds: torch.Tensor, mask: torch.Tensor, cache: Any = None) -> Any:
@@ -224,12 +227,9 @@ class _ContinuousBatcher:
             budget = min(self.max_new - len(out_tokens[r]) for r in active)
             kw = {self.cache_name: cache} if cache is not None else {}
             # with nothing left to admit, the round runs until every row has stopped
-            needed = min(self.refill, len(active)) if self.queue else 0
-            from transformers import StoppingCriteriaList
-
-            criteria = StoppingCriteriaList([_rows_stopped_class()(self.stop_tensor, needed)])
+            self.rows_stopped.needed = min(self.refill, len(active)) if self.queue else 0
             result = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=budget,
-                                         stopping_criteria=criteria, return_dict_in_generate=True,
+                                         stopping_criteria=self.criteria, return_dict_in_generate=True,
                                          **self.kwargs, **kw)
             new = result.sequences[:, -budget:] if result.sequences.shape[1] > budget else result.sequences
             keep, done = [], []
