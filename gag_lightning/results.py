@@ -54,9 +54,9 @@ def _jsonable(value: Any) -> Any:
 def write_run_results(cfg: DictConfig, results: Mapping[str, Mapping[str, Any]],
                       path: str | Path | None = None) -> Path | None:
     """Write ``<paths.output_dir>/results.json`` (atomically; the last thing a successful run does; rank 0 only)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from gag_lightning.pipeline.trainer import global_rank
 
-    if getattr(rank_zero_only, "rank", 0) != 0:
+    if global_rank() != 0:
         return None
     path = Path(path) if path is not None else Path(cfg.paths.output_dir) / RESULTS
     payload = {

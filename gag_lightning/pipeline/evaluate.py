@@ -14,7 +14,7 @@ from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.memory.bank import MemoryBank
 from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
-from gag_lightning.pipeline.trainer import finish_loggers, make_loggers
+from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,6 @@ def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _distributed_rank() -> int:
-    """This process's global rank when a process group is up (after a multi-device fit), else 0."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return int(dist.get_rank())
-    return 0
-
-
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from gag_lightning.data.gag import check_bank_against_adapter
     from gag_lightning.eval.harness import (
@@ -98,7 +89,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
-    rank = _distributed_rank()
+    rank = global_rank()
     if rank:
         # after a DDP fit every rank runs the rest of the pipeline; evaluation is one process's job (it would
         # otherwise decode everything once per rank, on one GPU, and write the same files concurrently)

@@ -14,6 +14,17 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+def global_rank() -> int:
+    """This process's rank as Lightning knows it (0 outside distributed runs).
+
+    After a multi-device fit every rank runs the rest of the pipeline; steps that must happen once
+    (evaluation, the run summary) check this.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def multirun_job_label() -> str:
     """`job<N>` plus the swept values of this multirun job (e.g. `job1-slots=2`); empty outside a multirun.
 
