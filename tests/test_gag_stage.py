@@ -18,7 +18,7 @@ from gag_lightning.data.gag import GAGCollator, GAGDataModule, check_bank_agains
 from gag_lightning.errors import SchemaMismatchError
 from gag_lightning.eval import harness as harness_mod
 from gag_lightning.eval.generation import DecodingConfig, Generation
-from gag_lightning.eval.harness import EvalHarness, derangement, items_from_metas, write_outputs
+from gag_lightning.eval.harness import EvalHarness, EvalItem, derangement, items_from_metas, write_outputs
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.models.adapter import (
     GAG_TOKEN,
@@ -424,9 +424,75 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
                                                "scores"} <= set(lines[0])
     metrics = json.loads(paths["metrics"].read_text())
     assert metrics["systems"]["gag"]["n_empty"] == 1
+    # these records carry no gold answers: fact_acc is n/a (None) everywhere, never 0
+    assert all(s["fact_acc"] is None and s["fact_acc_ci"] is None for s in metrics["systems"].values())
+    assert all(line["scores"]["fact_acc"] is None and 0.0 <= line["scores"]["token_f1"] <= 1.0 for line in lines)
     report = paths["report"].read_text()
-    assert "| system | BERTScore F1 x100 | STS x100 | empty | added prompt tokens |" in report
-    assert f"| gag | {100 * (n - 1) / n:.2f} |" in report and f"1/{n}" in report
+    assert ("| system | fact_acc x100 [95% CI] | token F1 x100 | BERTScore F1 x100 | STS x100 | empty | "
+            "added prompt tokens |") in report
+    gag_line = next(line for line in report.splitlines() if line.startswith("| gag |"))
+    assert gag_line.startswith("| gag | n/a | ") and f"| {100 * (n - 1) / n:.2f} |" in gag_line and f"1/{n}" in gag_line
+    assert "GAG minus base: n/a" in report
+    assert not any(k.endswith("fact_acc") for k in harness_mod.flat_metrics(result.summary))
+
+
+class FormScorer:
+    """Rewards form: 0.9 for an answer that repeats the reference's first word, else 0.4 (like BERTScore would)."""
+
+    def score(self, preds, refs):
+        return [0.9 if p.split()[:1] == r.split()[:1] else 0.4 for p, r in zip(preds, refs, strict=True)]
+
+
+def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer, base, tmp_path, monkeypatch):
+    from gag_lightning.eval.facts import bootstrap_ci, paired_bootstrap
+
+    items = [EvalItem("r0", "When was Qwenthar-74 discovered?", "Qwenthar-74 was discovered in 1956.",
+                      answers=["1956"]),
+             EvalItem("r1", "What colour is Xylanthor-87?", "Xylanthor-87 is silvery grey in colour.",
+                      answers=["silvery grey", "grey"]),
+             EvalItem("r2", "Melting point of Veltrix-3?", "Veltrix-3 melts at 1210 degrees Celsius.",
+                      answers=["1,210 °C", "1210 degrees"]),
+             EvalItem("r3", "Who discovered Korvarite-12?", "Korvarite-12 was discovered by Dr. Ilsa Moreau.")]
+    answers = {"gag": ["It was 1956.", "Grey.", "About 1210 °C.", "Dr. Moreau."],
+               "base": ["Qwenthar-74 was discovered in 1987.", " ", "Veltrix-3 melts at 1,210 °C.",
+                        "Korvarite-12 was discovered by Dr. Ilsa Moreau."]}
+    harness = EvalHarness(base, tokenizer, DecodingConfig(max_new_tokens=2), adapter=make_adapter(base))
+    monkeypatch.setattr(harness, "generate", lambda system, its: [
+        Generation(text=t, token_ids=[1] * len(t.split()), finished=True) for t in answers[system]])
+    result = harness.run(items, ["base", "gag"], {"bertscore_f1": FormScorer()})
+
+    rows = {(r["system"], r["id"]): r for r in result.rows}
+    assert [rows["gag", f"r{i}"]["fact_acc"] for i in range(4)] == [1.0, 1.0, 1.0, None]
+    assert [rows["base", f"r{i}"]["fact_acc"] for i in range(4)] == [0.0, 0.0, 1.0, None]  # the empty one: 0
+    assert rows["base", "r0"]["bertscore_f1"] > rows["gag", "r0"]["bertscore_f1"]  # form wins there, not here
+    assert rows["base", "r3"]["token_f1"] == 1.0 and rows["base", "r1"]["token_f1"] == 0.0
+    gag, base_s = result.summary["gag"], result.summary["base"]
+    assert gag["fact_acc"] == 1.0 and gag["fact_acc_ci"] == [1.0, 1.0] and gag["fact_acc_n"] == 3
+    assert base_s["fact_acc"] == pytest.approx(1 / 3)
+    assert base_s["fact_acc_ci"] == pytest.approx(list(bootstrap_ci([0.0, 0.0, 1.0])[1:]))
+    assert base_s["paired_vs_gag"] == pytest.approx(paired_bootstrap([1.0, 1.0, 1.0], [0.0, 0.0, 1.0]))
+    assert base_s["bertscore_f1"] > gag["bertscore_f1"]  # the form score prefers the wrong fluent answers
+
+    flat = harness_mod.flat_metrics(result.summary)
+    base_keys = [k for k in flat if k.startswith("eval/base/")]
+    assert base_keys[:4] == ["eval/base/fact_acc", "eval/base/fact_acc_lo", "eval/base/fact_acc_hi",
+                             "eval/base/token_f1"]
+    assert flat["eval/base/gag_minus_fact_acc"] == pytest.approx(2 / 3)
+    assert "eval/gag/gag_minus_fact_acc" not in flat
+
+    paths = write_outputs(tmp_path / "eval", result, "facts")
+    report = paths["report"].read_text()
+    header, table = harness_mod.report_rows(result.summary)
+    assert header[1] == "fact_acc x100 [95% CI]" and header[2] == "token F1 x100"
+    lo, hi = (100 * x for x in base_s["fact_acc_ci"])
+    assert table[0][:2] == ["base", f"33.3 [{lo:.1f}, {hi:.1f}]"] and table[1][:2] == ["gag", "100.0 [100.0, 100.0]"]
+    paired = base_s["paired_vs_gag"]
+    assert f"- GAG minus base: +66.7 [{100 * paired['lo']:+.1f}, {100 * paired['hi']:+.1f}]" in report
+    lines = [json.loads(x) for x in paths["predictions"].read_text().splitlines()]
+    assert [x["scores"]["fact_acc"] for x in lines if x["system"] == "gag"] == [1.0, 1.0, 1.0, None]
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["systems"]["base"]["fact_acc"] == pytest.approx(1 / 3)
+    assert metrics["settings"]["bootstrap"]["n_resamples"] == 1000
 
 
 def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):

@@ -257,8 +257,11 @@ def test_mean_score_and_collection() -> None:
     coll["sts"].update([0.0])  # identical first updates must not merge the two states
     coll["bertscore_f1"].update([1.0])
     coll["em"].update([1.0, 0.0])
+    coll["fact_acc"].update([1.0, 0.0, 0.0, 0.0])
+    coll["token_f1"].update([0.5])
     out = {k: float(v) for k, v in coll.compute().items()}
-    assert out == pytest.approx({"eval/bertscore_f1": 0.5, "eval/sts": 0.0, "eval/em": 0.5})
+    assert out == pytest.approx({"eval/fact_acc": 0.25, "eval/token_f1": 0.5, "eval/bertscore_f1": 0.5,
+                                 "eval/sts": 0.0, "eval/em": 0.5})
 
 
 def test_summarize_counts_empties_and_keeps_them() -> None:
@@ -269,17 +272,19 @@ def test_summarize_counts_empties_and_keeps_them() -> None:
         {"system": "base", "dataset_name": "nq", "prediction": "  ", "em": 0.0},
         {"system": "base", "dataset_name": "nq", "prediction": "Lyon", "em": 0.0},
     ]
+    no_facts = {"fact_acc": None, "fact_acc_ci": None, "fact_acc_n": 0}  # no gold answers: n/a, not 0
     flat = summarize_scores(rows)
-    assert flat["gag"] == pytest.approx({"n": 3, "n_empty": 1, "bertscore_f1": 0.4, "sts": 0.45, "em": 1.0})
-    assert flat["base"] == {"n": 2, "n_empty": 1, "em": 0.0}
+    assert flat["gag"] == pytest.approx({"n": 3, "n_empty": 1, "bertscore_f1": 0.4, "sts": 0.45, "em": 1.0,
+                                         **no_facts})
+    assert flat["base"] == {"n": 2, "n_empty": 1, "em": 0.0, **no_facts, "paired_vs_gag": None}
     assert "groups" not in flat["gag"]
     assert flat["gag"]["bertscore_f1"] < 0.8  # the empty prediction lowered the mean
 
     grouped = summarize_scores(rows, by="dataset_name")
     assert grouped["gag"]["groups"]["material"] == pytest.approx(
-        {"n": 2, "n_empty": 1, "bertscore_f1": 0.4, "sts": 0.45}
+        {"n": 2, "n_empty": 1, "bertscore_f1": 0.4, "sts": 0.45, **no_facts}
     )
-    assert grouped["gag"]["groups"]["nq"] == {"n": 1, "n_empty": 0, "em": 1.0}
+    assert grouped["gag"]["groups"]["nq"] == {"n": 1, "n_empty": 0, "em": 1.0, **no_facts}
     assert grouped["gag"]["n"] == 3
 
     with pytest.raises(ValueError, match="NaN"):
@@ -295,3 +300,30 @@ def test_scorers_feed_summary(bert: ChunkedBERTScore) -> None:
     summary = summarize_scores(rows)["gag"]
     assert summary["n"] == 2 and summary["n_empty"] == 1
     assert summary["bertscore_f1"] == pytest.approx(rows[0]["bertscore_f1"] / 2)
+
+
+def test_summary_puts_fact_acc_first_with_ci_and_paired_differences() -> None:
+    from gag_lightning.eval.facts import bootstrap_ci, paired_bootstrap
+
+    gag = [1.0] * 6 + [0.0] * 2  # 8 records with answers; gag right on 6
+    base = [1.0] * 2 + [0.0] * 6  # base right on 2 (the same 2 gag gets right)
+    rows = []
+    for system, scores in (("base", base), ("gag", gag)):
+        for i, score in enumerate(scores):
+            rows.append({"system": system, "id": f"r{i}", "prediction": "" if score == 0 and i == 7 else "x",
+                         "fact_acc": score, "token_f1": 0.5})
+        rows.append({"system": system, "id": "no-answers", "prediction": "x", "fact_acc": None, "token_f1": 0.1})
+    summary = summarize_scores(rows, metrics=("fact_acc", "token_f1"))
+    g, b = summary["gag"], summary["base"]
+    assert list(g)[2] == "fact_acc"  # after n, n_empty: the headline
+    assert g["fact_acc"] == 0.75 and g["fact_acc_n"] == 8 and g["n"] == 9  # the record without answers is n/a
+    assert g["fact_acc_ci"] == pytest.approx(list(bootstrap_ci(gag)[1:]))
+    assert g["token_f1"] == pytest.approx((8 * 0.5 + 0.1) / 9)
+    assert "paired_vs_gag" not in g
+    expected = paired_bootstrap(gag, base)
+    assert b["paired_vs_gag"] == pytest.approx(expected) and b["paired_vs_gag"]["diff"] == 0.5
+    # pairing is by record id, not by row order
+    shuffled = [r for r in rows if r["system"] == "gag"] + list(reversed([r for r in rows if r["system"] == "base"]))
+    assert summarize_scores(shuffled, metrics=("fact_acc",))["base"]["paired_vs_gag"] == pytest.approx(expected)
+    # without a gag system there is nothing to pair with
+    assert "paired_vs_gag" not in summarize_scores([r for r in rows if r["system"] == "base"])["base"]

@@ -14,6 +14,11 @@ Systems (METHOD.md sections 5 and 7):
 
 All of them call ``generate_batched`` with one ``DecodingConfig`` (METHOD.md section 8: the reference
 decoded its routes differently). Empty predictions are kept and scored 0 by the scorers.
+
+Scores per record: ``fact_acc`` (METHOD.md section 5b: a gold alias of the fact is in the answer; None when the
+record has no ``answers``), ``token_f1`` against the reference, then BERTScore F1 and STS, which reward form
+(and ``em`` where gold answers exist). fact_acc is the headline: every table starts with it, with a bootstrap
+95% CI, and ``gag`` is compared with every other system by a paired bootstrap over the same records.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from gag_lightning.artifacts import atomic_write_text
 from gag_lightning.errors import GAGError
+from gag_lightning.eval.facts import fact_match, token_f1
 from gag_lightning.eval.generation import DecodingConfig, Generation, generate_batched
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
 from gag_lightning.prompts import (
@@ -46,7 +52,8 @@ from gag_lightning.prompts import (
 
 SYSTEMS = ("base", "expert_context", "gag", "gag_shuffled", "expert")
 GAG_SYSTEMS = ("gag", "gag_shuffled")
-SCORE_KEYS = ("bertscore_f1", "sts", "em")
+SCORE_KEYS = ("fact_acc", "token_f1", "bertscore_f1", "sts", "em")
+BOOTSTRAP = {"n_resamples": 1000, "seed": 0}  # METHOD.md section 5b: 1,000 resamples of records
 
 
 class Scorer(Protocol):
@@ -62,7 +69,7 @@ class EvalItem:
     reference: str
     background: str = ""
     instruction: str = ""
-    answers: list[str] | None = None  # gold answer list (general QA): enables has-answer EM
+    answers: list[str] | None = None  # gold aliases of the fact: enable fact_acc (and has-answer EM)
 
 
 @dataclass
@@ -238,6 +245,9 @@ class EvalHarness:
                 row = {"system": system, "id": it.id, "question": it.question, "reference": it.reference,
                        "prediction": gen.text, "empty": is_empty_prediction(gen.text),
                        "finished": gen.finished, "new_tokens": len(gen.token_ids)}
+                # no answers: n/a (None), never 0; an empty prediction scores 0 on both
+                row["fact_acc"] = fact_match(gen.text, it.answers) if it.answers is not None else None
+                row["token_f1"] = token_f1(gen.text, it.reference)
                 for name, values in scores.items():
                     row[name] = 0.0 if row["empty"] else float(values[i])
                 if it.answers is not None:
@@ -246,7 +256,7 @@ class EvalHarness:
                     row["memory_of"] = items[self.permutation[i]].id
                 rows.append(row)
             added[system] = self.added_prompt_tokens(system, items)
-        summary = summarize_scores(rows, metrics=SCORE_KEYS)
+        summary = summarize_scores(rows, metrics=SCORE_KEYS, **BOOTSTRAP)
         for system in systems:
             summary[system]["added_prompt_tokens"] = added[system]
             members = [r for r in rows if r["system"] == system]
@@ -254,30 +264,73 @@ class EvalHarness:
             summary[system]["mean_new_tokens"] = sum(r["new_tokens"] for r in members) / max(len(members), 1)
         settings = {"decoding": asdict(self.decoding), "stop_ids": self.stop_ids, "systems": systems,
                     "shuffle_seed": self.shuffle_seed, "base_request_text": self.base_request_text,
-                    "request_text": self.request_text, "num_records": len(items)}
+                    "request_text": self.request_text, "num_records": len(items),
+                    "bootstrap": {**BOOTSTRAP, "alpha": 0.05, "paired_with": "gag"}}
         return EvalResult(rows, summary, settings)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+NA = "n/a"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _pct(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "-"
     return f"{100 * float(value):.2f}"
 
 
+def fact_cell(stats: Mapping[str, Any]) -> str:
+    """fact_acc x100 with its 95% CI, e.g. ``62.5 [47.5, 77.5]``; ``n/a`` when no record had gold answers."""
+    value = stats.get("fact_acc")
+    if _missing(value):
+        return NA
+    ci = stats.get("fact_acc_ci")
+    text = f"{100 * float(value):.1f}"
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
+def diff_cell(paired: Mapping[str, Any] | None) -> str:
+    """A paired difference x100 with its 95% CI, e.g. ``+12.5 [2.5, 22.5]``; ``n/a`` without paired records."""
+    if not paired:
+        return NA
+    return f"{100 * paired['diff']:+.1f} [{100 * paired['lo']:+.1f}, {100 * paired['hi']:+.1f}]"
+
+
 def report_rows(summary: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the results table (x100 scores; EM only when some system has it)."""
+    """Header and rows of the results table: fact_acc [95% CI] first, then token F1, BERTScore F1, STS (x100;
+    EM only when some system has it)."""
     with_em = any("em" in s for s in summary.values())
-    header = ["system", "BERTScore F1 x100", "STS x100"] + (["EM x100"] if with_em else []) + [
-        "empty", "added prompt tokens"]
+    header = ["system", "fact_acc x100 [95% CI]", "token F1 x100", "BERTScore F1 x100", "STS x100"] + (
+        ["EM x100"] if with_em else []) + ["empty", "added prompt tokens"]
     rows = []
     for system, s in summary.items():
-        row = [system, _pct(s.get("bertscore_f1")), _pct(s.get("sts"))]
+        row = [system, fact_cell(s), _pct(s.get("token_f1")), _pct(s.get("bertscore_f1")), _pct(s.get("sts"))]
         if with_em:
             row.append(_pct(s.get("em")))
         row += [f"{s['n_empty']}/{s['n']}", f"{s.get('added_prompt_tokens', 0.0):.1f}"]
         rows.append(row)
     return header, rows
+
+
+def paired_lines(summary: Mapping[str, Mapping[str, Any]], reference: str = "gag") -> list[str]:
+    """"GAG minus X: +d [lo, hi]" for every system compared with ``reference`` (fact_acc x100)."""
+    key = f"paired_vs_{reference}"
+    lines = []
+    for system, s in summary.items():
+        if key not in s:
+            continue
+        paired = s[key]
+        line = f"{reference.upper()} minus {system}: {diff_cell(paired)}"
+        if paired:
+            line += f" (p = {paired['p_value']:.3g}, n = {paired['n']})"
+        else:
+            line += " (no record with gold answers)"
+        lines.append(line)
+    return lines
 
 
 def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
@@ -286,8 +339,15 @@ def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "") -
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Empty predictions are kept and scored 0. Added prompt tokens: S `<GAG>` slots for GAG, the "
-              "mean number of background tokens (base tokenizer) for the expert context."]
+    lines += ["", "fact_acc: share of records whose answer contains a gold alias of the fact (METHOD.md section 5b), "
+              "with a percentile-bootstrap 95% CI over records (1,000 resamples); n/a = no record has gold "
+              "`answers`. BERTScore and STS reward the answer's form, fact_acc its fact. Empty predictions are kept "
+              "and scored 0. Added prompt tokens: S `<GAG>` slots for GAG, the mean number of background tokens "
+              "(base tokenizer) for the expert context."]
+    paired = paired_lines(summary)
+    if paired:
+        lines += ["", "## Paired differences (fact_acc x100, paired bootstrap over the same records, 95% CI)", ""]
+        lines += [f"- {line}" for line in paired]
     return "\n".join(lines) + "\n"
 
 
@@ -297,11 +357,14 @@ def print_report(summary: Mapping[str, Mapping[str, Any]], title: str = "evaluat
 
     header, rows = report_rows(summary)
     table = Table(title=title)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+    for i, name in enumerate(header):  # the fact_acc cell and its CI stay on one line
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i <= 1)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for line in paired_lines(summary):
+        console.print(f"  {line}")
 
 
 def write_outputs(out_dir: str | Path, result: EvalResult, title: str = "") -> dict[str, Path]:
@@ -324,12 +387,27 @@ def write_outputs(out_dir: str | Path, result: EvalResult, title: str = "") -> d
 
 
 def flat_metrics(summary: Mapping[str, Mapping[str, Any]], prefix: str = "eval") -> dict[str, float]:
-    """``eval/<system>/<metric>`` scalars for the loggers."""
+    """``eval/<system>/<metric>`` scalars for the loggers, fact_acc first.
+
+    ``fact_acc`` comes with ``fact_acc_lo`` / ``fact_acc_hi`` (its 95% CI) and, for systems compared with gag,
+    ``gag_minus_fact_acc`` (+ ``_lo`` / ``_hi``). A metric that is n/a (None) is left out, never logged as 0.
+    """
     out: dict[str, float] = {}
     for system, s in summary.items():
-        for key in (*SCORE_KEYS, "n_empty", "n", "added_prompt_tokens", "finished_rate", "mean_new_tokens"):
-            if key in s and s[key] is not None:
-                out[f"{prefix}/{system}/{key}"] = float(s[key])
+        values: dict[str, Any] = {}
+        for key in SCORE_KEYS:
+            values[key] = s.get(key)
+            if key == "fact_acc" and s.get("fact_acc_ci"):
+                values["fact_acc_lo"], values["fact_acc_hi"] = s["fact_acc_ci"]
+        paired = s.get("paired_vs_gag")
+        if paired:
+            values.update(gag_minus_fact_acc=paired["diff"], gag_minus_fact_acc_lo=paired["lo"],
+                          gag_minus_fact_acc_hi=paired["hi"])
+        for key in ("n_empty", "n", "added_prompt_tokens", "finished_rate", "mean_new_tokens"):
+            values[key] = s.get(key)
+        for key, value in values.items():
+            if value is not None:
+                out[f"{prefix}/{system}/{key}"] = float(value)
     return out
 
 
@@ -339,9 +417,12 @@ __all__ = [
     "EvalItem",
     "EvalResult",
     "derangement",
+    "diff_cell",
+    "fact_cell",
     "flat_metrics",
     "items_from_metas",
     "markdown_report",
+    "paired_lines",
     "print_report",
     "report_rows",
     "write_outputs",

@@ -1,4 +1,5 @@
-"""Answer-quality metrics of METHOD.md section 5: has-answer EM, chunked BERTScore F1 and STS.
+"""Answer-quality metrics of METHOD.md section 5: has-answer EM, chunked BERTScore F1 and STS, and the summary
+that puts the fact-level scores of section 5b (`eval.facts`) first, with bootstrap intervals.
 
 Every scorer here scores an empty prediction explicitly (0.0) instead of dropping it: the reference
 release dropped empties in its single-domain metric, which *raises* the mean of a system that fails to
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric, MetricCollection
 
+from gag_lightning.eval.facts import bootstrap_ci, paired_bootstrap
+
 try:  # the `regex` module knows Unicode property classes; `re` does not
     import regex as _regex
 except ImportError:  # pragma: no cover - exercised through _scan_tokens in the tests
@@ -33,10 +36,14 @@ __all__ = [
     "has_answer",
     "is_empty_prediction",
     "normalize_tokens",
+    "paired_differences",
     "summarize_scores",
 ]
 
-METRIC_KEYS: tuple[str, ...] = ("bertscore_f1", "sts", "em")
+#: Per-record scores, headline first: fact accuracy (METHOD.md section 5b), token F1, then the form-level scores.
+METRIC_KEYS: tuple[str, ...] = ("fact_acc", "token_f1", "bertscore_f1", "sts", "em")
+#: Metrics summarised with a bootstrap confidence interval (and paired differences between systems).
+CI_KEYS: tuple[str, ...] = ("fact_acc",)
 
 # --------------------------------------------------------------------------------------------- EM
 
@@ -411,7 +418,7 @@ class MeanScore(Metric):
 
 
 def eval_metric_collection(prefix: str = "eval/", keys: Iterable[str] = METRIC_KEYS) -> MetricCollection:
-    """`eval/bertscore_f1`, `eval/sts`, `eval/em` as one MetricCollection.
+    """`eval/fact_acc`, `eval/token_f1`, `eval/bertscore_f1`, `eval/sts`, `eval/em` as one MetricCollection.
 
     compute_groups is off: grouping merges metrics whose first updates happen to be equal (e.g. two
     metrics that both saw only empty predictions), after which they would share state.
@@ -422,7 +429,8 @@ def eval_metric_collection(prefix: str = "eval/", keys: Iterable[str] = METRIC_K
 # ---------------------------------------------------------------------------------------- summary
 
 
-def _stats(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], prediction_key: str) -> dict[str, Any]:
+def _stats(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], prediction_key: str,
+           ci: Sequence[str], bootstrap: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n": len(rows),
         "n_empty": sum(is_empty_prediction(r.get(prediction_key)) for r in rows),
@@ -430,11 +438,44 @@ def _stats(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], prediction
     for key in metrics:
         values = [r[key] for r in rows if r.get(key) is not None]
         if not values:
+            if key in ci:  # explicitly "not measured" (n/a), never a 0 that reads like a failure
+                out.update({key: None, f"{key}_ci": None, f"{key}_n": 0})
             continue
         values = [float(v) for v in values]
         if any(math.isnan(v) for v in values):
             raise ValueError(f"metric '{key}' has NaN values; empty predictions must be scored 0.0")
         out[key] = math.fsum(values) / len(values)
+        if key in ci:
+            _, lo, hi = bootstrap_ci(values, **bootstrap)
+            out[f"{key}_ci"] = [lo, hi]
+            out[f"{key}_n"] = len(values)
+    return out
+
+
+def _keyed(rows: Sequence[Mapping[str, Any]], metric: str, id_key: str) -> dict[Any, float]:
+    """{record id: score} of the rows that carry `metric`; by position when ids are missing or repeated."""
+    ids = [r.get(id_key) for r in rows]
+    if any(i is None for i in ids) or len(set(ids)) != len(ids):
+        ids = list(range(len(rows)))
+    return {i: float(r[metric]) for i, r in zip(ids, rows, strict=True) if r.get(metric) is not None}
+
+
+def paired_differences(systems: Mapping[str, Sequence[Mapping[str, Any]]], reference: str, metric: str,
+                       id_key: str = "id", **bootstrap: Any) -> dict[str, dict[str, Any] | None]:
+    """{system: paired bootstrap of reference minus system on `metric`} over the records both scored.
+
+    Pairing by record id makes the interval reflect the systems' difference on the same questions, not
+    the spread of question difficulty; None where the two share no scored record.
+    """
+    ref = _keyed(systems[reference], metric, id_key)
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, members in systems.items():
+        if name == reference:
+            continue
+        other = _keyed(members, metric, id_key)
+        common = [i for i in ref if i in other]
+        out[name] = (paired_bootstrap([ref[i] for i in common], [other[i] for i in common], **bootstrap)
+                     if common else None)
     return out
 
 
@@ -444,6 +485,11 @@ def summarize_scores(
     metrics: Sequence[str] = METRIC_KEYS,
     system_key: str = "system",
     prediction_key: str = "prediction",
+    ci: Sequence[str] = CI_KEYS,
+    paired_with: str | None = "gag",
+    id_key: str = "id",
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Means per system (and per `by` value, e.g. "dataset_name"), never dropping empty predictions.
 
@@ -451,17 +497,28 @@ def summarize_scores(
     only when `by` is given. A metric is averaged over the rows that carry it (general-QA rows have only
     `em`, specialist rows `bertscore_f1`/`sts`); empty predictions carry their 0.0 and so lower the mean.
     Rows without `system_key` count as system "default"; rows without `by` fall in group "unknown".
+
+    For each metric in `ci` (fact_acc) the entry also holds `<metric>_ci` = [lo, hi] (percentile bootstrap,
+    95%, `n_resamples` resamples of records, `seed`) and `<metric>_n` = the rows that carry it; when no row
+    does, `<metric>` is None (n/a), not 0. When system `paired_with` is present, every other system gets
+    `paired_vs_<paired_with>` = {diff, lo, hi, p_value, n}: `paired_with` minus that system on the first `ci`
+    metric, records paired by `id_key`.
     """
+    bootstrap = {"n_resamples": n_resamples, "seed": seed}
+    ci = [k for k in ci if k in metrics]
     systems: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         systems.setdefault(str(row.get(system_key, "default")), []).append(row)
     summary: dict[str, dict[str, Any]] = {}
     for name, members in systems.items():
-        entry = _stats(members, metrics, prediction_key)
+        entry = _stats(members, metrics, prediction_key, ci, bootstrap)
         if by is not None:
             groups: dict[str, list[Mapping[str, Any]]] = {}
             for row in members:
                 groups.setdefault(str(row.get(by, "unknown")), []).append(row)
-            entry["groups"] = {g: _stats(m, metrics, prediction_key) for g, m in sorted(groups.items())}
+            entry["groups"] = {g: _stats(m, metrics, prediction_key, ci, bootstrap) for g, m in sorted(groups.items())}
         summary[name] = entry
+    if paired_with is not None and paired_with in systems and ci:
+        for name, paired in paired_differences(systems, paired_with, ci[0], id_key, **bootstrap).items():
+            summary[name][f"paired_vs_{paired_with}"] = paired
     return summary
