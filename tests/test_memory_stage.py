@@ -186,6 +186,35 @@ def test_batch_16_gives_the_same_backgrounds_and_memories_as_batch_1(tmp_path, e
     assert torch.count_nonzero(a.memories()[empty]) == 0  # L = 0: one zero vector, stabilised to zero
 
 
+def test_gold_answers_reach_the_bank_metas_only_when_given(tmp_path, expert, records, stops) -> None:
+    """Aliases go store row -> bank meta -> EvalItem; records without them keep exactly the old rows and metas."""
+    import dataclasses
+
+    from gag_lightning.eval.harness import items_from_metas
+
+    model, _ = expert
+    plain = records[:6]
+    aliased = [dataclasses.replace(r, answers=[f"alias {r.index}", "1,956"]) if r.index < 3 else r for r in plain]
+    stores = {}
+    for name, recs in (("plain", plain), ("aliased", aliased)):
+        stores[name] = make_store(tmp_path / f"bg-{name}", expert, recs, stops, batch_size=4)
+        build_memory_bank(model, stores[name].read_all(), tmp_path / f"m-{name}", schema(stores[name]), COMPRESSION,
+                          batch_size=4, progress=False)
+    old_row = {"index", "id", "question", "answer", "background", "token_ids", "finished", "prompt_ids"}
+    old_meta = {"index", "id", "question", "answer", "background", "num_generated_tokens", "finished"}
+    assert all(set(r) == old_row for r in stores["plain"].read_all())
+    plain_metas = MemoryBank.open(tmp_path / "m-plain").metas()
+    assert all(set(m) == old_meta for m in plain_metas)
+    metas = MemoryBank.open(tmp_path / "m-aliased").metas()
+    for meta, before in zip(metas, plain_metas, strict=True):
+        if meta["index"] < 3:
+            assert meta.pop("answers") == [f"alias {meta['index']}", "1,956"]
+        assert meta == before  # nothing else changed
+    items = items_from_metas(MemoryBank.open(tmp_path / "m-aliased").metas())
+    assert [it.answers for it in items] == [["alias 0", "1,956"], ["alias 1", "1,956"], ["alias 2", "1,956"],
+                                            None, None, None]
+
+
 def test_continuous_batching_refills_rows_without_changing_tokens(expert, records, stops) -> None:
     model, tokenizer = expert
     prompts = background_prompt_ids(tokenizer, records, CONFIG)

@@ -54,6 +54,44 @@ def test_mixed_answers_accept_string_or_list(tmp_path):
     assert err.value.field == "answer"
 
 
+def test_qa_answers_are_optional_aliases(tmp_path):
+    path = _write(tmp_path, '{"input": "Q?", "output": "It was 1956.", "answers": ["1956", "the year 1956"]}\n'
+                            '{"input": "Q2?", "output": "A2."}\n{"input": "Q3?", "output": "A3.", "answers": null}\n')
+    recs = read_qa(path)
+    assert [r.answers for r in recs] == [["1956", "the year 1956"], None, None]
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('"1956"', "expected a non-empty list of strings"),
+    ("[]", "expected a non-empty list of strings"),
+    ('["1956", ""]', "item 1"),
+    ('["1956", "  "]', "item 1"),
+    ('[1956]', "item 0 is int"),
+])
+def test_bad_answers_name_file_line_and_field(tmp_path, value, problem):
+    path = _write(tmp_path, '{"input": "Q", "output": "A"}\n{"input": "Q", "output": "A", "answers": ' + value + "}\n")
+    with pytest.raises(RecordError, match=problem) as err:
+        read_qa(path)
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 2, "answers")
+
+
+def test_mixed_records_take_explicit_fact_aliases(tmp_path):
+    path = _write(tmp_path, '{"question": "a", "answer": "Veltrix-3 melts at 1210 C.", "answers": ["1210"], '
+                            '"dataset_name": "material"}\n'
+                            '{"question": "b", "answers": ["Paris"], "dataset_name": "nq"}\n'
+                            '{"question": "c", "answer": ["x", "y"], "dataset_name": "nq"}\n')
+    recs = read_mixed(path)
+    assert recs[0].answers == ["Veltrix-3 melts at 1210 C."] and recs[0].fact_answers == ["1210"]
+    assert recs[1].answers == ["Paris"] and recs[1].fact_answers == ["Paris"]  # the aliases are the reference
+    assert recs[2].answers == ["x", "y"] and recs[2].fact_answers is None
+    with pytest.raises(RecordError) as err:
+        read_mixed(_write(tmp_path, '{"question": "a", "answer": "x", "answers": "x", "dataset_name": "nq"}\n'))
+    assert (err.value.line, err.value.field) == (1, "answers")
+    with pytest.raises(RecordError) as err:
+        read_mixed(_write(tmp_path, '{"question": "a", "dataset_name": "nq"}\n'))
+    assert err.value.field == "answer"
+
+
 def test_demo_files_are_valid():
     from tests.conftest import ROOT
 

@@ -44,9 +44,33 @@ def _string_field(path: Path, lineno: int, obj: dict[str, Any], name: str, *, re
     return value
 
 
+def _answers_field(path: Path, lineno: int, obj: dict[str, Any], name: str = "answers") -> list[str] | None:
+    """Optional gold aliases of the fact a question asks for (METHOD.md section 5b): a non-empty list of
+    non-empty strings, or absent/null. Anything else is an error here rather than a fact_acc of 0 later."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise RecordError(path, lineno, name, f"expected a non-empty list of strings, got {_describe(value)}")
+    for i, alias in enumerate(value):
+        if not isinstance(alias, str) or not alias.strip():
+            raise RecordError(path, lineno, name, f"item {i} is {_describe(alias)}; every alias must be a "
+                                                  "non-empty string")
+    return list(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str | list):
+        return f"{type(value).__name__} {value!r}"[:80]
+    return type(value).__name__
+
+
 @dataclass(frozen=True)
 class QARecord:
-    """One domain QA record; `index` is the 0-based position in its file, a stable id fallback."""
+    """One domain QA record; `index` is the 0-based position in its file, a stable id fallback.
+
+    `answers` (optional) lists aliases of the fact the question asks for; they feed fact_acc in evaluation.
+    """
 
     index: int
     id: str
@@ -54,6 +78,7 @@ class QARecord:
     answer: str
     instruction: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    answers: list[str] | None = None
 
 
 def read_knowledge_base(path: str | Path) -> list[str]:
@@ -69,7 +94,7 @@ def read_knowledge_base(path: str | Path) -> list[str]:
 
 
 def read_qa(path: str | Path) -> list[QARecord]:
-    """Domain QA: `{"id"?, "instruction"?, "input", "output"}` per line."""
+    """Domain QA: `{"id"?, "instruction"?, "input", "output", "answers"?: [str, ...]}` per line."""
     path = Path(path)
     records = []
     for lineno, obj in iter_jsonl(path):
@@ -85,6 +110,7 @@ def read_qa(path: str | Path) -> list[QARecord]:
                 question=question,
                 answer=answer,
                 instruction=instruction,
+                answers=_answers_field(path, lineno, obj),
             )
         )
     if not records:
@@ -105,24 +131,33 @@ def read_router_pool(path: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class MixedRecord:
-    """One mixed-domain online test record."""
+    """One mixed-domain online test record.
+
+    `answers` is the file's `answer` (the references: gold answers of a general set, the reference text of a
+    specialist one); `fact_answers` is the explicit `answers` field, aliases of the fact, when given.
+    """
 
     index: int
     question: str
     answers: list[str]
     dataset_name: str
+    fact_answers: list[str] | None = None
 
 
 def read_mixed(path: str | Path) -> list[MixedRecord]:
-    """Mixed online test: `{"question" | "input", "answer": str | [str], "dataset_name"}` per line."""
+    """Mixed online test: `{"question" | "input", "answer": str | [str], "answers"?: [str], "dataset_name"}`.
+
+    `answer` may be left out when `answers` is given; the aliases then serve as the references too.
+    """
     path = Path(path)
     records = []
     for lineno, obj in iter_jsonl(path):
         key = "question" if "question" in obj else "input"
         question = _string_field(path, lineno, obj, key, required=True)
-        if "answer" not in obj:
+        facts = _answers_field(path, lineno, obj)
+        if "answer" not in obj and facts is None:
             raise RecordError(path, lineno, "answer", "missing required field")
-        answer = obj["answer"]
+        answer = obj.get("answer", facts)
         if isinstance(answer, str):
             answers = [answer]
         elif isinstance(answer, list) and all(isinstance(a, str) for a in answer):
@@ -130,7 +165,8 @@ def read_mixed(path: str | Path) -> list[MixedRecord]:
         else:
             raise RecordError(path, lineno, "answer", "expected a string or a list of strings")
         name = _string_field(path, lineno, obj, "dataset_name", required=True)
-        records.append(MixedRecord(index=len(records), question=question, answers=answers, dataset_name=name))
+        records.append(MixedRecord(index=len(records), question=question, answers=answers, dataset_name=name,
+                                   fact_answers=facts))
     if not records:
         raise RecordError(path, None, None, "the mixed test file holds no records")
     return records

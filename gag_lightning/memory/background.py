@@ -249,9 +249,12 @@ class BackgroundJob:
         rows = []
         for index, prompt, gen in zip(indices, prompts, generations, strict=True):
             record = self.records[index]
-            rows.append({"index": index, "id": record.id, "question": record.question, "answer": record.answer,
-                         "background": gen.text, "token_ids": list(gen.token_ids), "finished": bool(gen.finished),
-                         "prompt_ids": prompt})
+            row = {"index": index, "id": record.id, "question": record.question, "answer": record.answer,
+                   "background": gen.text, "token_ids": list(gen.token_ids), "finished": bool(gen.finished),
+                   "prompt_ids": prompt}
+            if record.answers is not None:  # only when given: stores of records without aliases stay byte-identical
+                row["answers"] = list(record.answers)
+            rows.append(row)
         self.store.append(rows)
         account_batch(self, rows)
         return rows

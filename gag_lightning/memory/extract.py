@@ -147,10 +147,17 @@ def extract_memories(model: Any, prompt_ids: Sequence[Sequence[int]], generated_
 
 
 def memory_metadata(background: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON metadata of one bank record (everything a later stage needs besides the tensor)."""
-    return {"index": int(background["index"]), "id": background["id"], "question": background["question"],
+    """The JSON metadata of one bank record (everything a later stage needs besides the tensor).
+
+    The gold fact aliases (`answers`, for fact_acc) are copied only when the record has them, so a bank of
+    records without aliases is byte for byte what it was before they existed.
+    """
+    meta = {"index": int(background["index"]), "id": background["id"], "question": background["question"],
             "answer": background["answer"], "background": background["background"],
             "num_generated_tokens": len(background["token_ids"]), "finished": bool(background["finished"])}
+    if background.get("answers") is not None:
+        meta["answers"] = list(background["answers"])
+    return meta
 
 
 class MemoryJob:
