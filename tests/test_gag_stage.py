@@ -526,3 +526,44 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     # a second run finds both artifacts and skips
     again = run(compose_cfg(overrides))
     assert again["gag"]["skipped"] and again["eval"]["skipped"]
+
+
+def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(compose_cfg, tmp_path):
+    """QA jsonl with `answers` -> memory stage (tiny expert) -> bank metas -> eval rows and metrics.json."""
+    from gag_lightning.pipeline import run
+
+    def write(path: Path, rows: list[dict]) -> Path:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    train = write(tmp_path / "train.jsonl", [{"id": f"t{i}", "input": q, "output": a}
+                                             for i, (q, a, _) in enumerate(RECORDS)])
+    aliases = {"q0": ["1956"], "q1": ["silvery grey", "grey"], "q2": ["Nordhavn"]}  # q3: no answers
+    test = write(tmp_path / "test.jsonl", [{"id": f"q{i}", "input": q, "output": a,
+                                            **({"answers": aliases[f"q{i}"]} if f"q{i}" in aliases else {})}
+                                           for i, (q, a, _) in enumerate(RECORDS[:4])])
+    cfg = compose_cfg(["experiment=smoke", "stage=eval", "memory.expert=base", f"domain.train={train}",
+                       f"domain.test={test}", "memory.progress=false", "domain.background_max_new_tokens=4",
+                       "domain.answer_max_new_tokens=3", "gag.max_steps=2", "gag.batch_size=2",
+                       "gag.val_fraction=0.34", "eval.systems=[base,gag]", "run_stages=[memory,gag,eval]"])
+    results = run(cfg)
+
+    mem = Path(results["memory"]["artifact"])
+    test_metas = MemoryBank.open(mem / "test").metas()
+    assert [m.get("answers") for m in test_metas] == [["1956"], ["silvery grey", "grey"], ["Nordhavn"], None]
+    assert not any("answers" in m for m in MemoryBank.open(mem / "train").metas())
+
+    eval_dir = Path(results["eval"]["artifact"])
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    lines = [json.loads(x) for x in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    for system in ("base", "gag"):
+        s = metrics["systems"][system]
+        assert s["fact_acc_n"] == 3 and s["n"] == 4
+        assert isinstance(s["fact_acc"], float) and len(s["fact_acc_ci"]) == 2
+        mine = [x for x in lines if x["system"] == system]
+        facts = [x["scores"]["fact_acc"] for x in mine]
+        assert facts[3] is None and all(f in (0.0, 1.0) for f in facts[:3])
+        assert s["fact_acc"] == pytest.approx(sum(facts[:3]) / 3)
+    assert set(metrics["systems"]["base"]["paired_vs_gag"]) >= {"diff", "lo", "hi"}
+    assert "eval/gag/fact_acc" in results["eval"] and "eval/base/gag_minus_fact_acc" in results["eval"]
+    assert "GAG minus base:" in (eval_dir / "report.md").read_text()
