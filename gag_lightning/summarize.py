@@ -1,5 +1,6 @@
-"""Tabulate a Hydra multirun: one row per job (its swept values, BERTScore F1 / STS of every evaluated system,
-gag minus base), saved beside the runs as ``summary.md`` + ``summary.csv`` + ``summary.png`` and printed.
+"""Tabulate a Hydra multirun: one row per job (its swept values; fact_acc [95% CI], token F1, BERTScore F1, STS of
+every evaluated system; gag minus base), saved beside the runs as ``summary.md`` + ``summary.csv`` +
+``summary.png`` and printed. Jobs that differ only by ``seed`` are also shown pooled: mean ± std over the seeds.
 
     python -m gag_lightning.summarize logs/smoke/multiruns/slots_2026-01-01_12-00-00
 
@@ -25,7 +26,9 @@ import yaml
 
 from gag_lightning.results import read_run_results
 
-METRICS = {"bertscore_f1": "BERTScore F1", "sts": "STS", "em": "EM"}
+# fact_acc first: the fact-level headline (METHOD.md section 5b); BERTScore and STS reward form
+METRICS = {"fact_acc": "fact_acc", "token_f1": "token F1", "bertscore_f1": "BERTScore F1", "sts": "STS", "em": "EM"}
+SEED_KEY = "seed"
 SYSTEM_ORDER = ("base", "expert_context", "gag", "gag_shuffled", "expert")
 _EVAL_LOG = re.compile(r"\[eval\] (?:done: (\S+)/report\.md|artifact already complete for this configuration: "
                        r"(\S+) \(skipping\))")
@@ -60,8 +63,14 @@ class Summary:
             for metric in self.metrics:
                 for system in self.systems:
                     row[f"{system}/{metric}"] = job.metrics.get(f"eval/{system}/{metric}")
+                    if metric == "fact_acc":
+                        for end in ("lo", "hi"):
+                            row[f"{system}/fact_acc_{end}"] = job.metrics.get(f"eval/{system}/fact_acc_{end}")
                 row[f"gag-base/{metric}"] = _diff(job.metrics.get(f"eval/gag/{metric}"),
                                                   job.metrics.get(f"eval/base/{metric}"))
+                if metric == "fact_acc":  # the paired-bootstrap interval of gag minus base, when eval made one
+                    for end in ("lo", "hi"):
+                        row[f"gag-base/fact_acc_{end}"] = job.metrics.get(f"eval/base/gag_minus_fact_acc_{end}")
             # the NLL part alone: comparable across loss weights, unlike the weighted total
             row["gag/val_nll"] = job.gag.get("val/nll")
             row["status"] = job.status
@@ -170,6 +179,28 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
+def _interval_cell(value: float | None, lo: float | None, hi: float | None, signed: bool = False) -> str:
+    """x100 with a CI, one decimal as in the eval report: ``62.5 [47.5, 77.5]`` (``+12.5 [+2.5, +22.5]``)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    cell = fmt.format(100 * value)
+    if lo is not None and hi is not None:
+        cell += f" [{fmt.format(100 * lo)}, {fmt.format(100 * hi)}]"
+    return cell
+
+
+def _cells(row: dict[str, Any], metric: str, systems: Sequence[str], with_diff: bool) -> list[str]:
+    if metric != "fact_acc":
+        cells = [_pct(row[f"{s}/{metric}"]) for s in systems]
+        return cells + ([_pct(row[f"gag-base/{metric}"], signed=True)] if with_diff else [])
+    cells = [_interval_cell(row[f"{s}/fact_acc"], row[f"{s}/fact_acc_lo"], row[f"{s}/fact_acc_hi"]) for s in systems]
+    if with_diff:
+        cells.append(_interval_cell(row["gag-base/fact_acc"], row["gag-base/fact_acc_lo"], row["gag-base/fact_acc_hi"],
+                                    signed=True))
+    return cells
+
+
 def short_names(keys: Sequence[str]) -> dict[str, str]:
     """``memory.compression.slots`` -> ``slots`` unless two swept keys end the same way."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
@@ -180,19 +211,76 @@ def markdown_table(summary: Summary) -> str:
     names = short_names(summary.swept)
     header = ["job", *(names[k] for k in summary.swept)]
     for metric in summary.metrics:
-        header += [f"{METRICS[metric]} {s}" for s in summary.systems]
+        header += [f"{METRICS[metric]} {s}" + (" [95% CI]" if metric == "fact_acc" else "") for s in summary.systems]
         if {"gag", "base"} <= set(summary.systems):
             header.append(f"{METRICS[metric]} gag-base")
     header += ["gag val NLL", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    with_diff = {"gag", "base"} <= set(summary.systems)
     for job, row in zip(summary.jobs, summary.rows(), strict=True):
         cells = [job.dir.name, *(str(row[k]) if row[k] is not None else "-" for k in summary.swept)]
         for metric in summary.metrics:
-            cells += [_pct(row[f"{s}/{metric}"]) for s in summary.systems]
-            if {"gag", "base"} <= set(summary.systems):
-                cells.append(_pct(row[f"gag-base/{metric}"], signed=True))
+            cells += _cells(row, metric, summary.systems, with_diff)
         loss = row["gag/val_nll"]
         cells += [f"{float(loss):.4f}" if loss is not None else "-", job.status]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def seed_groups(summary: Summary) -> list[tuple[dict[str, str | None], list[dict[str, Any]]]]:
+    """Jobs that differ only by ``seed``, grouped: [(the other swept values, their rows)]; [] when seed is not swept
+    or no two jobs share everything else."""
+    if SEED_KEY not in summary.swept:
+        return []
+    others = [k for k in summary.swept if k != SEED_KEY]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in summary.rows():
+        groups.setdefault(tuple(row.get(k) for k in others), []).append(row)
+    if not any(len(rows) > 1 for rows in groups.values()):
+        return []
+    return [(dict(zip(others, key, strict=True)), rows) for key, rows in groups.items()]
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sample std, n) of the values present; std is None for fewer than two."""
+    present = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not present:
+        return None, None, 0
+    mean = math.fsum(present) / len(present)
+    if len(present) < 2:
+        return mean, None, len(present)
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in present) / (len(present) - 1)), len(present)
+
+
+def _mean_std_cell(values: Sequence[float | None], signed: bool = False) -> str:
+    mean, std, _ = mean_std(values)
+    if mean is None:
+        return "n/a"
+    cell = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    return cell + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def seed_table(summary: Summary) -> str:
+    """Markdown: one row per group of jobs that differ only by seed, each metric as mean ± std (x100) over seeds."""
+    groups = seed_groups(summary)
+    if not groups:
+        return ""
+    names = short_names(summary.swept)
+    others = [k for k in summary.swept if k != SEED_KEY]
+    with_diff = {"gag", "base"} <= set(summary.systems)
+    header = [*(names[k] for k in others), "seeds"]
+    for metric in summary.metrics:
+        header += [f"{METRICS[metric]} {s}" for s in summary.systems] + ([f"{METRICS[metric]} gag-base"]
+                                                                          if with_diff else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for values, rows in groups:
+        cells = [str(values[k]) if values[k] is not None else "-" for k in others]
+        cells.append(", ".join(str(r.get(SEED_KEY)) for r in rows))
+        for metric in summary.metrics:
+            cells += [_mean_std_cell([r[f"{s}/{metric}"] for r in rows]) for s in summary.systems]
+            if with_diff:
+                cells.append(_mean_std_cell([r[f"gag-base/{metric}"] for r in rows], signed=True))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -263,11 +351,16 @@ def write_summary(summary: Summary, make_plot: bool = True) -> dict[str, Path]:
     text = [f"# Sweep summary: {summary.sweep_name or root.name}", "",
             f"`{root}`: {len(summary.jobs)} jobs ({ok} with eval metrics); swept: "
             f"{', '.join(f'`{k}`' for k in summary.swept) or 'nothing'}.",
-            "Scores x100 on the eval split (BERTScore F1, STS cosine); gag-base = GAG minus the base alone; "
-            "gag val NLL = the answer NLL at the adapter's last validation.", ""]
+            "Scores x100 on the eval split: fact_acc (a gold alias of the fact in the answer, with its bootstrap 95% "
+            "CI; n/a = no gold answers), token F1, BERTScore F1, STS cosine; gag-base = GAG minus the base alone "
+            "(for fact_acc with its paired-bootstrap CI); gag val NLL = the answer NLL at the adapter's last "
+            "validation.", ""]
     if first:
         text += [f"Eval artifact of job {first.dir.name}: `{first.eval_artifact}`", ""]
     text += [table, ""]
+    seeds = seed_table(summary)
+    if seeds:
+        text += ["## Across seeds (mean ± sample std over the seeds, x100)", "", seeds, ""]
     if png:
         text += [f"![{png.stem}]({png.name})", ""]
     paths["md"] = root / "summary.md"
@@ -287,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     paths = write_summary(summary, make_plot=not args.no_plot)
     print(markdown_table(summary))
+    seeds = seed_table(summary)
+    if seeds:
+        print("\nAcross seeds (mean ± std, x100):\n" + seeds)
     print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0 if any(j.metrics for j in summary.jobs) else 2
 

@@ -215,3 +215,44 @@ def test_a_skipped_stage_still_logs_its_recorded_metrics(compose_cfg, tmp_path):
     assert "eval/base/sts" not in rows[0] and "artifact" not in rows[0]
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(b"-reused" in f.read_bytes() for f in runs[0].glob("*.wandb"))
+
+
+def test_summarize_puts_fact_acc_first_and_pools_seeds(tmp_path, capsys):
+    """No models: projector a/b x seed 1/2; fact_acc leads with its CI, and the seed pairs are pooled."""
+    from gag_lightning.summarize import collect, main, mean_std, seed_groups
+
+    root = tmp_path / "multirun"
+    facts = {("a", "1"): (0.50, 0.70), ("a", "2"): (0.40, 0.80), ("b", "1"): (0.45, 0.60), ("b", "2"): (0.55, 0.65)}
+    for num, ((projector, seed), (base, gag)) in enumerate(facts.items()):
+        job = root / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- gag.adapter.projector={projector}\n- seed={seed}\n")
+        metrics = {"eval/base/fact_acc": base, "eval/base/fact_acc_lo": base - 0.1, "eval/base/fact_acc_hi": base + 0.1,
+                   "eval/gag/fact_acc": gag, "eval/gag/fact_acc_lo": gag - 0.1, "eval/gag/fact_acc_hi": gag + 0.1,
+                   "eval/base/gag_minus_fact_acc": gag - base, "eval/base/gag_minus_fact_acc_lo": gag - base - 0.05,
+                   "eval/base/gag_minus_fact_acc_hi": gag - base + 0.05,
+                   "eval/base/bertscore_f1": 0.9, "eval/gag/bertscore_f1": 0.8}
+        (job / "results.json").write_text(json.dumps({"stages": {"eval": {"artifact": "x", **metrics}}}))
+
+    summary = collect(root)
+    assert summary.swept == ["gag.adapter.projector", "seed"] and summary.metrics == ["fact_acc", "bertscore_f1"]
+    assert [[r["seed"] for r in rows] for _, rows in seed_groups(summary)] == [["1", "2"], ["1", "2"]]
+    assert main([str(root), "--no-plot"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| job | projector | seed | fact_acc base [95% CI] | fact_acc gag [95% CI] | "
+                               "fact_acc gag-base | BERTScore F1 base |")
+    assert lines[1].startswith("| 0 | a | 1 | 50.0 [40.0, 60.0] | 70.0 [60.0, 80.0] | +20.0 [+15.0, +25.0] | 90.00 |")
+    pooled = lines[lines.index(next(x for x in lines if x.startswith("| projector | seeds"))) + 1:]
+    # projector a: base 0.50, 0.40 -> 45.0 ± 7.1; gag 0.70, 0.80 -> 75.0 ± 7.1; gag-base 0.20, 0.40 -> +30.0 ± 14.1
+    assert pooled[0] == "| a | 1, 2 | 45.0 ± 7.1 | 75.0 ± 7.1 | +30.0 ± 14.1 | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 ± 0.0 |"
+    assert pooled[1].startswith("| b | 1, 2 | 50.0 ± 7.1 | 62.5 ± 3.5 | +12.5 ± 3.5 |")
+    assert "## Across seeds" in (root / "summary.md").read_text()
+    assert mean_std([0.2, None, 0.4]) == (pytest.approx(0.3), pytest.approx(0.02 ** 0.5), 2)
+    assert mean_std([None]) == (None, None, 0) and mean_std([0.5]) == (0.5, None, 1)
+    # seeds that are not repeated within a group: no pooled table
+    single = tmp_path / "single"
+    for num, seed in enumerate("12"):
+        job = single / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- gag.adapter.projector={'ab'[num]}\n- seed={seed}\n")
+    assert seed_groups(collect(single)) == []
