@@ -177,6 +177,8 @@ def test_answer_mode_scores_per_dataset_and_general_matches_base(compose_cfg, sm
     metrics = json.loads((tmp_path / "metrics.json").read_text())["systems"]["routed"]
     groups = metrics["groups"]
     assert "em" in groups["nq"] and "bertscore_f1" in groups["demo"] and "sts" in groups["demo"]
+    assert groups["nq"]["fact_acc"] is not None and "fact_acc" in groups["demo"]  # None (n/a) until it has aliases
+    assert result["answer_metrics"]["nq"]["fact_acc"] == groups["nq"]["fact_acc"]
     assert (tmp_path / "report.md").is_file()
     # the general route is the base alone with the general prompt, decoded the same way
     general = [r for r in rows if r["route"] == "general"]  # same queries, same batches as the routed run
@@ -226,3 +228,42 @@ def test_unmapped_dataset_name_is_an_actionable_error(compose_cfg, smoke_run, tm
     test.write_text(json.dumps({"question": "q?", "answer": "a", "dataset_name": "weird_qa"}) + "\n")
     with pytest.raises(GAGError, match="weird_qa.*dataset_names"):
         run(_cfg(compose_cfg, smoke_run, f"router.test_set={test}"))
+
+
+def test_routed_answers_report_fact_acc_per_dataset(tmp_path, monkeypatch) -> None:
+    """No models: fact_acc per dataset beside EM and BERTScore, n/a for a specialist set without aliases."""
+    from omegaconf import OmegaConf
+
+    from gag_lightning.data.records import MixedRecord
+    from gag_lightning.pipeline import evaluate
+    from gag_lightning.routing.answer import score_routed
+    from gag_lightning.routing.run import answer_metrics
+
+    class Fluent:  # a form score: high for anything long, whatever its facts
+        def score(self, preds, refs):
+            return [min(1.0, len(p.split()) / 5) for p in preds]
+
+    monkeypatch.setattr(evaluate, "build_scorers", lambda cfg, device: {"bertscore_f1": Fluent(), "sts": Fluent()})
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu"},
+                            "router": {"domains": {"general": {"dataset_names": ["nq"]}}}})
+    records = [MixedRecord(0, "Capital of France?", ["Paris"], "nq"),
+               MixedRecord(1, "Height?", ["1,412 m"], "nq"),
+               MixedRecord(2, "When?", ["Qwenthar-74 was discovered in 1956."], "material", fact_answers=["1956"]),
+               MixedRecord(3, "When?", ["Qwenthar-74 was discovered in 1956."], "material", fact_answers=["1956"]),
+               MixedRecord(4, "Colour?", ["Xylanthor-87 is silvery grey in colour."], "adjuvant_qa")]
+    answers = ["It is Paris.", "About 1412 m.", "It was 1956.", "Qwenthar-74 was discovered in 1987.", "Grey."]
+    summary = score_routed(cfg, records, ["general", "general", "materials", "materials", "adjuvant"], answers, {},
+                           tmp_path)
+    groups = summary["routed"]["groups"]
+    assert groups["nq"]["fact_acc"] == 1.0 and groups["nq"]["em"] == 0.5  # "1,412" vs "1412": EM misses it
+    assert groups["material"]["fact_acc"] == 0.5 and groups["material"]["fact_acc_n"] == 2
+    assert groups["material"]["bertscore_f1"] == pytest.approx((3 / 5 + 1.0) / 2)  # the wrong answer scores higher
+    assert groups["adjuvant_qa"]["fact_acc"] is None and groups["adjuvant_qa"]["fact_acc_ci"] is None
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["fact_acc"] for r in rows] == [1.0, 1.0, 1.0, 0.0, None]
+    report = (tmp_path / "report.md").read_text()
+    assert "| routed/adjuvant_qa | n/a |" in report and "| routed/nq | 100.0 [100.0, 100.0] |" in report
+    metrics = answer_metrics(tmp_path / "metrics.json")
+    assert metrics["material"]["fact_acc"] == 0.5 and metrics["nq"]["em"] == 0.5
+    assert metrics["all"]["fact_acc"] == pytest.approx(3 / 4) and metrics["adjuvant_qa"]["fact_acc"] is None
+    assert answer_metrics(tmp_path / "missing.json") == {}

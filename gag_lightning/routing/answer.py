@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from gag_lightning.artifacts import atomic_write_text
 from gag_lightning.data.records import QARecord
 from gag_lightning.errors import GAGError
+from gag_lightning.eval.facts import fact_match, token_f1
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
@@ -144,9 +145,22 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     return answers
 
 
+def fact_aliases(record: Any, general_sets: set[str]) -> list[str] | None:
+    """The gold aliases fact_acc checks: the record's explicit `answers`, else a general set's gold answer list
+    (short answers by construction); None for a specialist record without `answers` (its `answer` is a reference
+    text, not a fact to find verbatim), which makes its fact_acc n/a rather than 0."""
+    explicit = getattr(record, "fact_answers", None)
+    if explicit is not None:
+        return list(explicit)
+    if record.dataset_name in general_sets and record.answers:
+        return list(record.answers)
+    return None
+
+
 def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str], answers: Sequence[str],
                  backgrounds: dict[int, str], out_dir: Path) -> dict[str, Any]:
-    """Per-dataset metrics: has-answer EM for general sets, BERTScore F1 and STS for specialist sets."""
+    """Per-dataset metrics: fact_acc (records with gold aliases) and token F1 for every set, has-answer EM for
+    general sets, BERTScore F1 and STS for specialist sets."""
     from gag_lightning.pipeline.evaluate import build_scorers
 
     general_sets = set(OmegaConf.to_container(cfg.router.domains.general.dataset_names, resolve=True))
@@ -164,12 +178,15 @@ def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str],
         row = {"system": "routed", "dataset_name": rec.dataset_name, "question": rec.question, "route": routes[i],
                "reference": rec.answers, "prediction": answers[i], "empty": is_empty_prediction(answers[i]),
                **scores.get(i, {})}
+        aliases = fact_aliases(rec, general_sets)
+        row["fact_acc"] = fact_match(answers[i], aliases) if aliases is not None else None
+        row["token_f1"] = max((token_f1(answers[i], ref) for ref in rec.answers), default=0.0)
         if rec.dataset_name in general_sets:
             row["em"] = has_answer(answers[i], rec.answers)
         if i in backgrounds:
             row["background"] = backgrounds[i]
         rows.append(row)
-    summary = summarize_scores(rows, by="dataset_name", metrics=("bertscore_f1", "sts", "em"))
+    summary = summarize_scores(rows, by="dataset_name", metrics=("fact_acc", "token_f1", "bertscore_f1", "sts", "em"))
     per_dataset = summary["routed"].get("groups", {})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "predictions.jsonl",

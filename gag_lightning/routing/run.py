@@ -45,6 +45,7 @@ __all__ = [
     "build_router",
     "evaluate_routing",
     "answering_available",
+    "answer_metrics",
     "run",
 ]
 
@@ -52,6 +53,7 @@ REPORT_FILE = "routing_report.json"
 CONFUSION_FILE = "confusion.png"
 ROUTES_FILE = "routes.jsonl"
 ANSWER_MODULE = "gag_lightning.routing.answer"
+ANSWER_METRICS_FILE = "metrics.json"  # written by routed answering (answer.score_routed) into the output dir
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -599,4 +601,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             records=records,
             out_dir=out_dir,
         )
+        result["answer_metrics"] = answer_metrics(out_dir / ANSWER_METRICS_FILE)
     return result
+
+
+def answer_metrics(path: Path) -> dict[str, dict[str, Any]]:
+    """Per-dataset answer quality from the routed answering's metrics.json: fact_acc (n/a = None for sets
+    without gold aliases) with its CI beside EM and BERTScore F1 / STS; {} when answering wrote none."""
+    if not path.is_file():
+        return {}
+    routed = (json.loads(path.read_text(encoding="utf-8")).get("systems") or {}).get("routed") or {}
+    keys = ("n", "fact_acc", "fact_acc_ci", "em", "bertscore_f1", "sts")
+    out = {name: {k: stats.get(k) for k in keys} for name, stats in (routed.get("groups") or {}).items()}
+    if routed:
+        out["all"] = {k: routed.get(k) for k in keys}
+    return out
