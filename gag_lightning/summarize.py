@@ -26,7 +26,7 @@ import yaml
 from gag_lightning.results import read_run_results
 
 METRICS = {"bertscore_f1": "BERTScore F1", "sts": "STS", "em": "EM"}
-SYSTEM_ORDER = ("base", "expert_context", "gag", "gag_shuffled", "expert")
+SYSTEM_ORDER = ("base", "expert_context", "rag", "gag", "gag_shuffled", "expert")
 _EVAL_LOG = re.compile(r"\[eval\] (?:done: (\S+)/report\.md|artifact already complete for this configuration: "
                        r"(\S+) \(skipping\))")
 

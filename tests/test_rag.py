@@ -1,10 +1,14 @@
-"""The RAG baseline: BM25 and dense retrieval, recall@k."""
+"""The RAG baseline: BM25 and dense retrieval, recall@k, the rag prompt, the eval key and the eval stage."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from gag_lightning.baselines.rag import retrieve_for_items
 from gag_lightning.baselines.retrieval import (
     BM25Retriever,
     DenseRetriever,
@@ -12,6 +16,9 @@ from gag_lightning.baselines.retrieval import (
     recall_at_k,
     top_k,
 )
+from gag_lightning.eval.generation import DecodingConfig
+from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.prompts import context_user_text
 from tests.conftest import ROOT, compose
 
 KB = [
@@ -129,3 +136,104 @@ def test_recall_at_k_hand_values():
     assert recall_at_k([], []) is None
     with pytest.raises(ValueError):
         recall_at_k(passages, answers[:2])
+
+
+def test_retrieve_for_items_keys_by_record_and_scores_recall():
+    items = [EvalItem(id=f"t{i}", question=q, reference="", answers=[["1956"], None, ["Nordhavn"], ["Ilsa"]][i])
+             for i, (q, _) in enumerate(QUERIES)]
+    got = retrieve_for_items(BM25Retriever(KB), KB, items, k=1)
+    assert got.passage_ids == {"t0": [1], "t1": [0], "t2": [2], "t3": [3]}
+    assert got.passages["t2"] == [KB[2]]
+    assert got.recall_at_k == 1.0 and got.summary() == {"retrieval_recall_at_k": 1.0, "rag_k": 1,
+                                                        "rag_retriever": "bm25"}
+
+
+# ------------------------------------------------------------------------------------------ the rag system
+@pytest.fixture(scope="module")
+def base_and_tokenizer():
+    from gag_lightning.models.adapter import add_gag_token, ensure_embedding_size
+    from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
+
+    cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
+    base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
+    tok = load_tokenizer(base_dir)
+    add_gag_token(tok)
+    model = load_causal_lm(base_dir, "float32")
+    ensure_embedding_size(model, tok)
+    return model.eval(), tok
+
+
+class OneScorer:
+    def score(self, preds, refs):
+        return [1.0 for _ in preds]
+
+
+def test_rag_prompt_is_the_context_prompt_with_the_joined_passages(base_and_tokenizer):
+    base, tok = base_and_tokenizer
+    items = [EvalItem(id="a", question="Who discovered Korvarite-12?", reference="Dr. Ilsa Moreau.",
+                      instruction="You are an expert.", background="unused"),
+             EvalItem(id="b", question="Where is Thessium-77 produced?", reference="Nordhavn.",
+                      instruction="You are an expert.")]
+    retrieved = {"a": [KB[3] + "  ", KB[1]], "b": [KB[2]]}
+    decoding = DecodingConfig(max_new_tokens=2, batch_size=2)
+    harness = EvalHarness(base, tok, decoding, retrieved=retrieved,
+                          retrieval_summary={"retrieval_recall_at_k": 0.5, "rag_k": 2, "rag_retriever": "bm25"})
+    joined = f"{KB[3]}\n{KB[1]}"
+    assert harness.user_text("rag", items[0]) == context_user_text(
+        "You are an expert.", harness.request_text, items[0].question, joined)
+    assert harness.user_text("rag", items[0]) != harness.user_text("expert_context", items[0])
+    counts = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in (joined, KB[2])]
+    assert harness.added_prompt_tokens("rag", items) == pytest.approx(sum(counts) / 2)
+
+    result = harness.run(items, ["base", "rag"], {"bertscore_f1": OneScorer(), "sts": OneScorer()})
+    rag = result.summary["rag"]
+    assert rag["n"] == 2 and rag["retrieval_recall_at_k"] == 0.5 and rag["rag_k"] == 2
+    assert "retrieval_recall_at_k" not in result.summary["base"] and result.settings["rag"]["rag_k"] == 2
+    assert "Retrieval recall@2 (bm25): 50.00" in markdown_report(result.summary)
+    with pytest.raises(Exception, match="no retrieved passages"):
+        EvalHarness(base, tok, decoding).user_text("rag", items[0])
+
+
+# ------------------------------------------------------------------------------------------ config and stage
+def test_rag_settings_and_knowledge_base_key_the_eval_artifact(compose_cfg, tmp_path):
+    from gag_lightning.pipeline.keys import artifact_dir, stage_key
+
+    with_rag = ["experiment=smoke", "stage=eval", "eval.systems=[base,rag]"]
+    key = stage_key(compose_cfg(with_rag), "eval")
+    assert key["config"]["rag"] == {"retriever": "bm25", "k": 3} and key["knowledge_base"]
+    a = artifact_dir(compose_cfg(with_rag), "eval")
+    assert artifact_dir(compose_cfg([*with_rag, "eval.rag.k=1"]), "eval") != a
+    assert artifact_dir(compose_cfg([*with_rag, "eval.rag.retriever=dense"]), "eval") != a
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text(json.dumps({"text": "another passage"}) + "\n")
+    assert artifact_dir(compose_cfg([*with_rag, f"domain.knowledge_base={kb}"]), "eval") != a
+    # without the rag system its settings do not enter the key
+    without = ["experiment=smoke", "stage=eval", "eval.systems=[base,gag]"]
+    b = artifact_dir(compose_cfg(without), "eval")
+    assert "knowledge_base" not in stage_key(compose_cfg(without), "eval")
+    assert artifact_dir(compose_cfg([*without, "eval.rag.k=5"]), "eval") == b
+
+
+def test_smoke_evaluates_rag_and_the_stage_runs_it_with_the_route_encoder(compose_cfg, tmp_path):
+    from gag_lightning.pipeline import run
+    from tests.test_gag_stage import make_bank
+
+    assert "rag" in list(compose_cfg(["experiment=smoke"]).eval.systems)
+    mem = tmp_path / "memory"
+    make_bank(mem / "test", n=4, seed=1)
+    cfg = compose_cfg(["experiment=smoke", "stage=eval", f"gag.memory_dir={mem}", "eval.systems=[base,rag]",
+                       "eval.rag.retriever=dense", "eval.rag.k=2", "eval.max_records=3",
+                       "domain.answer_max_new_tokens=3"])
+    results = run(cfg)
+    eval_dir = Path(results["eval"]["artifact"])
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    rag = metrics["systems"]["rag"]
+    assert rag["n"] == 3 and rag["rag_k"] == 2 and rag["rag_retriever"] == "dense"
+    assert rag["retrieval_recall_at_k"] is None  # the synthetic records carry no gold answer lists
+    assert rag["added_prompt_tokens"] > 0 and metrics["systems"]["base"]["added_prompt_tokens"] == 0
+    settings = metrics["settings"]["rag"]
+    assert settings["num_passages"] > 0 and settings["encoder"].startswith("sentence_transformer")
+    assert all(len(ids) == 2 for ids in settings["passage_ids"].values())
+    assert "Retrieval recall@2 (dense): -" in (eval_dir / "report.md").read_text()
+    rows = [json.loads(x) for x in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["system"] for r in rows].count("rag") == 3
