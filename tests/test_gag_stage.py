@@ -519,7 +519,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     assert config["slots"] == S and config["memory_schema"]["hidden_size"] == H_E and config["base_model"]
     eval_dir = Path(results["eval"]["artifact"])
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert set(metrics["systems"]) == {"base", "expert_context", "gag", "gag_shuffled"}
+    assert set(metrics["systems"]) == {"base", "expert_context", "rag", "gag", "gag_shuffled"}  # smoke's systems
     assert all(s["n"] == 3 for s in metrics["systems"].values())
     assert (eval_dir / "report.md").is_file() and (eval_dir / "predictions.jsonl").is_file()
     assert "eval/gag/bertscore_f1" in results["eval"]

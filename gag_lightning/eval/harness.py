@@ -7,6 +7,8 @@ Systems (METHOD.md sections 5 and 7):
                        the knowledge provided.") would refer to knowledge that is not there, so the base gets
                        the general route's request (METHOD.md section 6) with the domain's instruction.
 * ``expert_context`` - the expert's generated background as text on the base prompt's "Knowledge:" line.
+* ``rag``            - the same prompt with the top-k retrieved knowledge-base passages (one per line) as the
+                       knowledge (gag_lightning.baselines.rag retrieves them; they come in as ``retrieved``).
 * ``gag``            - the base prompt with S ``<GAG>`` slots carrying the record's memory.
 * ``gag_shuffled``   - the same, with memories permuted across records by a seeded derangement (no record
                        keeps its own): if it scores like ``gag``, the slots carry style, not knowledge.
@@ -50,7 +52,7 @@ from gag_lightning.prompts import (
     stop_token_ids,
 )
 
-SYSTEMS = ("base", "expert_context", "gag", "gag_shuffled", "expert")
+SYSTEMS = ("base", "expert_context", "rag", "gag", "gag_shuffled", "expert")
 GAG_SYSTEMS = ("gag", "gag_shuffled")
 SCORE_KEYS = ("fact_acc", "token_f1", "bertscore_f1", "sts", "em")
 BOOTSTRAP = {"n_resamples": 1000, "seed": 0}  # METHOD.md section 5b: 1,000 resamples of records
@@ -129,6 +131,8 @@ class EvalHarness:
         expert_tokenizer: Any = None,
         shuffle_seed: int = 0,
         enable_thinking: bool = False,
+        retrieved: Mapping[str, Sequence[str]] | None = None,
+        retrieval_summary: Mapping[str, Any] | None = None,
     ) -> None:
         self.base = base
         self.tokenizer = tokenizer
@@ -144,6 +148,8 @@ class EvalHarness:
         self.enable_thinking = enable_thinking
         self.stop_ids = stop_token_ids(tokenizer, getattr(base, "generation_config", None))
         self.permutation: list[int] | None = None
+        self.retrieved = retrieved  # record id -> retrieved passages, best first (the rag system)
+        self.retrieval_summary = dict(retrieval_summary or {})
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, tokenizer: Any, content: str) -> list[int]:
@@ -155,6 +161,8 @@ class EvalHarness:
             return plain_user_text(item.instruction, self.base_request_text, item.question)
         if system == "expert_context":
             return context_user_text(item.instruction, self.request_text, item.question, item.background.strip())
+        if system == "rag":
+            return context_user_text(item.instruction, self.request_text, item.question, self.rag_context(item))
         if system in GAG_SYSTEMS:
             return gag_user_text(item.instruction, self.request_text, item.question, self.num_slots)
         raise ValueError(f"unknown base-prompt system {system!r}")
@@ -166,6 +174,12 @@ class EvalHarness:
                         add_special_tokens=False)["input_ids"] for it in items]
         return [self._encode(self.tokenizer, self.user_text(system, it)) for it in items]
 
+    def rag_context(self, item: EvalItem) -> str:
+        """The retrieved passages of ``item``, one per line, best first."""
+        if self.retrieved is None or item.id not in self.retrieved:
+            raise GAGError(f"system 'rag' has no retrieved passages for record {item.id!r}")
+        return "\n".join(p.strip() for p in self.retrieved[item.id])
+
     @property
     def num_slots(self) -> int:
         if self.adapter is None:
@@ -174,12 +188,12 @@ class EvalHarness:
 
     def added_prompt_tokens(self, system: str, items: Sequence[EvalItem]) -> float:
         """Prompt tokens a system adds to carry knowledge: S for GAG, the background's tokens for the
-        expert context, 0 for the systems without knowledge."""
+        expert context, the joined passages' tokens for RAG, 0 for the systems without knowledge."""
         if system in GAG_SYSTEMS:
             return float(self.num_slots)
-        if system == "expert_context":
-            counts = [len(self.tokenizer(it.background.strip(), add_special_tokens=False)["input_ids"])
-                      for it in items]
+        if system in ("expert_context", "rag"):
+            texts = [it.background.strip() if system == "expert_context" else self.rag_context(it) for it in items]
+            counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             return sum(counts) / max(len(counts), 1)
         return 0.0
 
@@ -262,10 +276,14 @@ class EvalHarness:
             members = [r for r in rows if r["system"] == system]
             summary[system]["finished_rate"] = sum(r["finished"] for r in members) / max(len(members), 1)
             summary[system]["mean_new_tokens"] = sum(r["new_tokens"] for r in members) / max(len(members), 1)
+        if "rag" in systems:
+            summary["rag"].update(self.retrieval_summary)
         settings = {"decoding": asdict(self.decoding), "stop_ids": self.stop_ids, "systems": systems,
                     "shuffle_seed": self.shuffle_seed, "base_request_text": self.base_request_text,
                     "request_text": self.request_text, "num_records": len(items),
                     "bootstrap": {**BOOTSTRAP, "alpha": 0.05, "paired_with": "gag"}}
+        if "rag" in systems:
+            settings["rag"] = dict(self.retrieval_summary)
         return EvalResult(rows, summary, settings)
 
 
@@ -343,11 +361,17 @@ def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "") -
               "with a percentile-bootstrap 95% CI over records (1,000 resamples); n/a = no record has gold "
               "`answers`. BERTScore and STS reward the answer's form, fact_acc its fact. Empty predictions are kept "
               "and scored 0. Added prompt tokens: S `<GAG>` slots for GAG, the mean number of background tokens "
-              "(base tokenizer) for the expert context."]
+              "(base tokenizer) for the expert context and of retrieved-passage "
+              "tokens for RAG."]
     paired = paired_lines(summary)
     if paired:
         lines += ["", "## Paired differences (fact_acc x100, paired bootstrap over the same records, 95% CI)", ""]
         lines += [f"- {line}" for line in paired]
+    rag = summary.get("rag", {})
+    if "rag_k" in rag:
+        lines += ["", f"Retrieval recall@{rag['rag_k']} ({rag.get('rag_retriever')}): "
+                      f"{_pct(rag.get('retrieval_recall_at_k'))} (share of questions whose passages hold a gold "
+                      "answer; - when the records carry no gold answers)."]
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +427,8 @@ def flat_metrics(summary: Mapping[str, Mapping[str, Any]], prefix: str = "eval")
         if paired:
             values.update(gag_minus_fact_acc=paired["diff"], gag_minus_fact_acc_lo=paired["lo"],
                           gag_minus_fact_acc_hi=paired["hi"])
-        for key in ("n_empty", "n", "added_prompt_tokens", "finished_rate", "mean_new_tokens"):
+        for key in ("n_empty", "n", "added_prompt_tokens", "finished_rate", "mean_new_tokens",
+                    "retrieval_recall_at_k"):
             values[key] = s.get(key)
         for key, value in values.items():
             if value is not None:

@@ -139,16 +139,26 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         expert_tok = load_tokenizer(expert_dir)
         expert = load_causal_lm(expert_dir, cfg.hardware.get("base_dtype", "float32")).to(device).eval()
 
+    retrieval = None
+    if "rag" in systems:
+        from gag_lightning.baselines.rag import rag_retrieval
+
+        retrieval = rag_retrieval(cfg, items, device=str(device))
+
     harness = EvalHarness(base, tokenizer, decoding_config(cfg), adapter=adapter, gag_token_id=gag_id,
                           memories=memories, request_text=cfg.domain.request_text, expert=expert,
                           expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
-                          enable_thinking=bool(node.get("enable_thinking", False)))
+                          enable_thinking=bool(node.get("enable_thinking", False)),
+                          retrieved=retrieval.passages if retrieval else None,
+                          retrieval_summary=retrieval.summary() if retrieval else None)
     scorers = build_scorers(cfg, device)
     result = harness.run(items, systems, scorers,
                          progress=lambda s: log.info("[eval] %s: %d records", s, len(items)))
     result.settings.update(bank=str(bank_dir), adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
                            bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
                            bertscore_layer=scorers["bertscore_f1"].num_layers)
+    if retrieval is not None:
+        result.settings["rag"].update(retrieval.settings, passage_ids=retrieval.passage_ids)
     paths = write_outputs(out_dir, result, title)
     metrics = flat_metrics(result.summary)
     loggers = make_loggers(cfg, "eval")
@@ -158,7 +168,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     print_report(result.summary, title)
     write_manifest(out_dir, "eval", config=stage_key(cfg, "eval"),
                    inputs={"bank": str(bank_dir), "adapter": str(adapter_dir) if adapter_dir else None,
-                           "base": str(base_dir)},
+                           "base": str(base_dir),
+                           "knowledge_base": str(cfg.domain.knowledge_base) if retrieval else None},
                    metrics=metrics,
                    extra={"summary": result.summary, "settings": result.settings,
                           "outputs": {k: str(v) for k, v in paths.items()}, "run_dir": str(cfg.paths.output_dir),

@@ -110,6 +110,12 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
                    instruction=cfg.domain.instruction)
     elif stage == "eval":
         key.update(upstream=config_hash(stage_key(cfg, "gag")))
+        # eval.rag is in key["config"] with the rest of the eval node; the rag system also reads the knowledge
+        # base. Without rag neither matters, and its settings leave the key (the hash stays what it was before)
+        if "rag" in list(cfg.eval.get("systems") or []):
+            key["knowledge_base"] = file_digest(cfg.domain.knowledge_base)
+        else:
+            key["config"].pop("rag", None)
     else:
         raise ValueError(f"no artifact key defined for stage '{stage}'")
     return key
