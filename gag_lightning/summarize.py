@@ -29,7 +29,7 @@ from gag_lightning.results import read_run_results
 # fact_acc first: the fact-level headline (METHOD.md section 5b); BERTScore and STS reward form
 METRICS = {"fact_acc": "fact_acc", "token_f1": "token F1", "bertscore_f1": "BERTScore F1", "sts": "STS", "em": "EM"}
 SEED_KEY = "seed"
-SYSTEM_ORDER = ("base", "expert_context", "rag", "gag", "gag_shuffled", "expert")
+SYSTEM_ORDER = ("base", "expert", "expert_context", "rag", "lora", "gag", "gag_shuffled")
 _EVAL_LOG = re.compile(r"\[eval\] (?:done: (\S+)/report\.md|artifact already complete for this configuration: "
                        r"(\S+) \(skipping\))")
 

@@ -505,7 +505,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     overrides = ["experiment=smoke", "stage=eval", f"gag.memory_dir={mem}", "gag.max_steps=2", "gag.batch_size=2",
                  "gag.val_fraction=0.34", "eval.max_records=3",
                  "domain.answer_max_new_tokens=3",
-                 "run_stages=[gag,eval]"]
+                 "eval.systems=[base,expert_context,rag,gag,gag_shuffled]", "run_stages=[gag,eval]"]
     cfg = compose_cfg(overrides)
     results = run(cfg)
     gag_dir = Path(results["gag"]["artifact"])
@@ -519,7 +519,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     assert config["slots"] == S and config["memory_schema"]["hidden_size"] == H_E and config["base_model"]
     eval_dir = Path(results["eval"]["artifact"])
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert set(metrics["systems"]) == {"base", "expert_context", "rag", "gag", "gag_shuffled"}  # smoke's systems
+    assert set(metrics["systems"]) == {"base", "expert_context", "rag", "gag", "gag_shuffled"}
     assert all(s["n"] == 3 for s in metrics["systems"].values())
     assert (eval_dir / "report.md").is_file() and (eval_dir / "predictions.jsonl").is_file()
     assert "eval/gag/bertscore_f1" in results["eval"]

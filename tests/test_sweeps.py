@@ -54,7 +54,7 @@ def test_sweep_composes_and_every_job_config_resolves(tmp_path, sweep):
     assert params, f"sweep/{sweep}.yaml sweeps nothing"
     resolved = _resolve(cfg)
     assert resolved["sweep_name"] == sweep
-    assert resolved["run_stages"][-2:] == ["gag", "eval"]
+    assert resolved["run_stages"][-3:] == ["gag", "lora", "eval"]  # lora: trained only if eval.systems has it
     for name in resolved["run_stages"]:
         assert name in resolved, f"no config node for stage '{name}'"
     choices = {key: [v.strip() for v in str(values).split(",")] for key, values in params.items()}

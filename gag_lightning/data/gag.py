@@ -156,6 +156,19 @@ def check_bank_against_adapter(bank: MemoryBank, config: AdapterConfig) -> None:
         )
 
 
+def split_positions(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) positions of a seeded hold-out of ``n`` records, each sorted.
+
+    One function so that a baseline trained on "the records Stage III trained on" (the LoRA stage) holds
+    out exactly the records the adapter was validated on.
+    """
+    if val_fraction <= 0 or n < 2:
+        return list(range(n)), []
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n - 1, max(1, int(round(n * val_fraction))))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
 class GAGDataModule(L.LightningDataModule):
     """Train on a memory bank; validate on a seeded split of it (``split``), on another bank (``test``),
     or not at all (``none``).
@@ -277,10 +290,8 @@ class GAGDataModule(L.LightningDataModule):
         train_pos = list(range(n))
         val_bank, val_pos = None, []
         if self.val_source == "split" and self.val_fraction > 0 and n > 1:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            n_val = min(n - 1, max(1, int(round(n * self.val_fraction))))
-            val_bank, val_pos = train_bank, sorted(order[:n_val])
-            train_pos = sorted(order[n_val:])
+            train_pos, val_pos = split_positions(n, self.val_fraction, self.seed)
+            val_bank = train_bank
         elif self.val_source == "test":
             val_bank = MemoryBank.open(self.val_bank_path)
             diffs = val_bank.schema.diff(train_bank.schema)
@@ -326,4 +337,5 @@ __all__ = [
     "encode_gag",
     "gag_messages",
     "record_instruction",
+    "split_positions",
 ]

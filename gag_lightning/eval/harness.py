@@ -13,6 +13,8 @@ Systems (METHOD.md sections 5 and 7):
 * ``gag_shuffled``   - the same, with memories permuted across records by a seeded derangement (no record
                        keeps its own): if it scores like ``gag``, the slots carry style, not knowledge.
 * ``expert``         - optional: the SFT expert answering with its Stage II prompt.
+* ``lora``           - the LoRA baseline: the base with a LoRA trained on the train QA, prompted like ``base``. peft
+                       puts the LoRA inside the base's layers; it is switched off for every other system.
 
 All of them call ``generate_batched`` with one ``DecodingConfig`` (METHOD.md section 8: the reference
 decoded its routes differently). Empty predictions are kept and scored 0 by the scorers.
@@ -29,6 +31,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +55,7 @@ from gag_lightning.prompts import (
     stop_token_ids,
 )
 
-SYSTEMS = ("base", "expert_context", "rag", "gag", "gag_shuffled", "expert")
+SYSTEMS = ("base", "expert", "expert_context", "rag", "lora", "gag", "gag_shuffled")
 GAG_SYSTEMS = ("gag", "gag_shuffled")
 SCORE_KEYS = ("fact_acc", "token_f1", "bertscore_f1", "sts", "em")
 BOOTSTRAP = {"n_resamples": 1000, "seed": 0}  # METHOD.md section 5b: 1,000 resamples of records
@@ -133,6 +136,7 @@ class EvalHarness:
         enable_thinking: bool = False,
         retrieved: Mapping[str, Sequence[str]] | None = None,
         retrieval_summary: Mapping[str, Any] | None = None,
+        lora: Any = None,
     ) -> None:
         self.base = base
         self.tokenizer = tokenizer
@@ -146,6 +150,7 @@ class EvalHarness:
         self.expert_tokenizer = expert_tokenizer
         self.shuffle_seed = shuffle_seed
         self.enable_thinking = enable_thinking
+        self.lora = lora  # a peft model wrapping `base` in place (pipeline.lora.load_lora)
         self.stop_ids = stop_token_ids(tokenizer, getattr(base, "generation_config", None))
         self.permutation: list[int] | None = None
         self.retrieved = retrieved  # record id -> retrieved passages, best first (the rag system)
@@ -157,7 +162,7 @@ class EvalHarness:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def user_text(self, system: str, item: EvalItem) -> str:
-        if system == "base":
+        if system in ("base", "lora"):
             return plain_user_text(item.instruction, self.base_request_text, item.question)
         if system == "expert_context":
             return context_user_text(item.instruction, self.request_text, item.question, item.background.strip())
@@ -210,6 +215,15 @@ class EvalHarness:
         return embed
 
     # ------------------------------------------------------------------ generation
+    def _lora_switch(self, system: str) -> AbstractContextManager:
+        """The LoRA on for ``lora`` (and required), off for every other base system: with it off each layer
+        computes exactly the plain base, so loading the baseline changes no other system's answers."""
+        if system == "lora":
+            if self.lora is None:
+                raise GAGError("system 'lora' needs the LoRA baseline (pipeline.lora.load_lora)")
+            return nullcontext()
+        return self.lora.disable_adapter() if self.lora is not None else nullcontext()
+
     def generate(self, system: str, items: Sequence[EvalItem]) -> list[Generation]:
         if system not in SYSTEMS:
             raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
@@ -233,7 +247,7 @@ class EvalHarness:
                 self.permutation = derangement(len(items), self.shuffle_seed)
                 mapping = self.permutation
             embed_fn = self._embed_fn(mapping)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._lora_switch(system):
             # intended: prompts go in as embeddings, so penalties see only new tokens, for every system alike
             warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
             return generate_batched(self.base, self.tokenizer, prompts, self.decoding, self.stop_ids,

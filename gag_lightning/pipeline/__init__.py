@@ -15,9 +15,11 @@ def _registry() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
     from gag_lightning.pipeline.evaluate import run_eval
     from gag_lightning.pipeline.expert import run_dapt, run_sft
     from gag_lightning.pipeline.gag import run_gag
+    from gag_lightning.pipeline.lora import run_lora
     from gag_lightning.pipeline.memory import run_memory
 
-    return {"dapt": run_dapt, "sft": run_sft, "memory": run_memory, "gag": run_gag, "eval": run_eval}
+    return {"dapt": run_dapt, "sft": run_sft, "memory": run_memory, "gag": run_gag, "lora": run_lora,
+            "eval": run_eval}
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:

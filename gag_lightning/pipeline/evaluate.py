@@ -109,6 +109,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     needs_gag = any(s in ("gag", "gag_shuffled") for s in systems)
     bank_dir = memory_bank_dir(cfg, str(node.split), cfg.gag.get("memory_dir"))
     adapter_dir = gag_adapter_dir(cfg, node.get("adapter")) if needs_gag else None
+    lora_dir = None
+    if "lora" in systems:
+        from gag_lightning.pipeline.lora import check_lora_base, load_lora, lora_adapter_dir, lora_bytes
+
+        lora_dir = lora_adapter_dir(cfg, node.get("lora_adapter"))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     device = eval_device(cfg)
@@ -131,6 +136,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         if have and have != want:
             raise SchemaMismatchError(f"adapter {adapter_dir} was trained on base {have}, this run's base is {want}; "
                                       "evaluate with the base it was trained on or retrain the adapter")
+    lora = None
+    if lora_dir is not None:  # after base.to(device): peft puts the LoRA layers beside the base's weights
+        check_lora_base(lora_dir, base_dir)
+        lora = load_lora(base, lora_dir)
     expert = expert_tok = None
     if "expert" in systems:
         from gag_lightning.pipeline.expert import sft_expert_path
@@ -150,7 +159,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                           expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
                           enable_thinking=bool(node.get("enable_thinking", False)),
                           retrieved=retrieval.passages if retrieval else None,
-                          retrieval_summary=retrieval.summary() if retrieval else None)
+                          retrieval_summary=retrieval.summary() if retrieval else None, lora=lora)
     scorers = build_scorers(cfg, device)
     result = harness.run(items, systems, scorers,
                          progress=lambda s: log.info("[eval] %s: %d records", s, len(items)))
@@ -159,6 +168,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                            bertscore_layer=scorers["bertscore_f1"].num_layers)
     if retrieval is not None:
         result.settings["rag"].update(retrieval.settings, passage_ids=retrieval.passage_ids)
+    if lora_dir is not None:
+        result.settings.update(lora=str(lora_dir), lora_bytes=lora_bytes(lora_dir))
     paths = write_outputs(out_dir, result, title)
     metrics = flat_metrics(result.summary)
     loggers = make_loggers(cfg, "eval")
@@ -168,7 +179,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     print_report(result.summary, title)
     write_manifest(out_dir, "eval", config=stage_key(cfg, "eval"),
                    inputs={"bank": str(bank_dir), "adapter": str(adapter_dir) if adapter_dir else None,
-                           "base": str(base_dir),
+                           "base": str(base_dir), "lora": str(lora_dir) if lora_dir else None,
                            "knowledge_base": str(cfg.domain.knowledge_base) if retrieval else None},
                    metrics=metrics,
                    extra={"summary": result.summary, "settings": result.settings,

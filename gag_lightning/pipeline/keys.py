@@ -84,7 +84,8 @@ def _expert_source(cfg: DictConfig, init: Any) -> dict[str, Any]:
 def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
     """Everything that determines `stage`'s artifact, upstream stages' keys included (by hash).
 
-    Stages: dapt, sft, backgrounds (expert generations), memory (compressed bank), gag (adapter), eval.
+    Stages: dapt, sft, backgrounds (expert generations), memory (compressed bank), gag (adapter), lora (the
+    LoRA baseline), eval (keyed by the LoRA too when it is among the evaluated systems).
     """
     key: dict[str, Any] = {"stage": stage, "config": _node(cfg, stage)}
     if stage == "dapt":
@@ -108,6 +109,11 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
         key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=container(cfg.model.base),
                    upstream=config_hash(stage_key(cfg, "memory")), request_text=cfg.domain.request_text,
                    instruction=cfg.domain.instruction)
+    elif stage == "lora":
+        from gag_lightning.pipeline.lora import record_selection
+
+        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=_strip(container(cfg.model.base)),
+                   instruction=cfg.domain.instruction, records=record_selection(cfg))
     elif stage == "eval":
         key.update(upstream=config_hash(stage_key(cfg, "gag")))
         # eval.rag is in key["config"] with the rest of the eval node; the rag system also reads the knowledge
@@ -116,6 +122,8 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
             key["knowledge_base"] = file_digest(cfg.domain.knowledge_base)
         else:
             key["config"].pop("rag", None)
+        if "lora" in cfg.eval.systems and not cfg.eval.get("lora_adapter"):
+            key["lora"] = config_hash(stage_key(cfg, "lora"))
     else:
         raise ValueError(f"no artifact key defined for stage '{stage}'")
     return key

@@ -1,0 +1,178 @@
+"""LoRA baseline runner: frozen base + ``peft`` LoRA trained on Stage III's training records.
+
+The comparison is only fair if the LoRA sees what the GAG adapter saw: the same records (the train split's
+first ``memory.max_records``, minus the seeded validation hold-out of ``gag.val_fraction``), the same
+optimizer steps, batch size and accumulation, and the answer-only loss. The artifact
+``artifact_dir(cfg, "lora")`` holds the LoRA weights alone (``adapter_model.safetensors`` +
+``adapter_config.json``) and ``manifest.json``, written last; the base is never copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
+from gag_lightning.data.records import QARecord, read_qa
+from gag_lightning.errors import MissingArtifactError, SchemaMismatchError
+from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, stage_key
+from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, global_rank, make_loggers
+
+log = logging.getLogger(__name__)
+
+LORA_WEIGHTS = "adapter_model.safetensors"
+LORA_CONFIG = "adapter_config.json"
+
+
+# ---------------------------------------------------------------------------------------------- records
+def record_selection(cfg: DictConfig) -> dict[str, Any]:
+    """What decides the LoRA's training records, mirroring Stage III's data module (part of the artifact key)."""
+    from gag_lightning.pipeline.memory import split_limits
+
+    gag = cfg.gag
+    split = str(gag.get("train_split", "train"))
+    holdout = float(gag.get("val_fraction", 0.0)) if str(gag.get("val_source", "split")) == "split" else 0.0
+    return {"split": split, "data": file_digest(cfg.domain.get(split)),
+            "max_records": split_limits(cfg, list(cfg.memory.splits)).get(split),
+            "holdout": holdout, "max_train_records": gag.get("max_train_records")}
+
+
+def train_records(cfg: DictConfig) -> list[QARecord]:
+    """The records Stage III trains its adapter on (the memory bank keeps the file's first N, in order)."""
+    from gag_lightning.data.gag import split_positions
+
+    sel = record_selection(cfg)
+    records = read_qa(str(cfg.domain.get(sel["split"])))[: sel["max_records"]]
+    positions, _ = split_positions(len(records), sel["holdout"], int(cfg.seed))
+    if sel["max_train_records"]:
+        positions = positions[: int(sel["max_train_records"])]
+    return [records[p] for p in positions]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def lora_config(node: DictConfig) -> Any:
+    """The ``peft.LoraConfig`` of the ``lora`` config node (no bias, no embedding or head training)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(node.r), lora_alpha=float(node.alpha), lora_dropout=float(node.dropout),
+                      target_modules=[str(m) for m in node.target_modules], bias="none", task_type="CAUSAL_LM")
+
+
+def save_lora(model: Any, folder: Path) -> None:
+    """Only the LoRA tensors and their config; embeddings are never saved (``save_embedding_layers=False``:
+    peft's "auto" would save them whenever the vocabulary differs from the base's config)."""
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the artifact
+
+
+def lora_bytes(folder: str | Path) -> int:
+    folder = Path(folder)
+    return sum((folder / n).stat().st_size for n in (LORA_WEIGHTS, LORA_CONFIG) if (folder / n).is_file())
+
+
+def load_lora(base: Any, folder: str | Path) -> Any:
+    """Wrap ``base`` with the saved LoRA (in place: peft inserts its layers into the base's modules).
+
+    The returned ``PeftModel`` switches the LoRA off with ``disable_adapter()``; with it off, every layer
+    computes exactly what the plain base computes.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    model.eval()
+    return model
+
+
+def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
+    """This config's finished LoRA artifact, or an explicitly given LoRA folder."""
+    from gag_lightning.pipeline.gag import _upstream_dir
+
+    folder = _upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
+                           "lora from eval.systems")
+    if not (folder / LORA_CONFIG).is_file():
+        raise MissingArtifactError(f"LoRA folder {folder} has no {LORA_CONFIG}")
+    return folder
+
+
+def check_lora_base(folder: Path, base_dir: Path) -> None:
+    """Refuse a LoRA trained on another base (when its manifest says which one)."""
+    from gag_lightning.pipeline.gag import base_identity
+
+    manifest = read_manifest(folder) or {}
+    have, want = manifest.get("inputs", {}).get("base_model"), base_identity(base_dir)
+    if have and have != want:
+        raise SchemaMismatchError(f"LoRA {folder} was trained on base {have}, this run's base is {want}; evaluate "
+                                  "with the base it was trained on or retrain it")
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run_lora(cfg: DictConfig) -> dict[str, Any]:
+    from peft import get_peft_model
+
+    from gag_lightning.data.lora import LoRADataModule
+    from gag_lightning.pipeline.gag import base_identity, weights_bytes
+    from gag_lightning.prompts import GENERAL_REQUEST_TEXT
+    from gag_lightning.stages.lora import LoRAModule
+
+    node = cfg.lora
+    out_dir = artifact_dir(cfg, "lora")
+    if "eval" in cfg.run_stages and "lora" not in cfg.eval.systems:
+        log.info("[lora] not among eval.systems: not trained (nothing in this run would use it); "
+                 "`run_stages=[lora]` trains it anyway")
+        return {"artifact": str(out_dir), "unused": True}
+    manifest = read_manifest(out_dir)
+    if manifest is not None:
+        log.info("[lora] artifact already complete for this configuration: %s (skipping)", out_dir)
+        return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
+    if out_dir.exists() and global_rank() == 0:  # an interrupted earlier attempt (no manifest): nothing is trusted
+        shutil.rmtree(out_dir)
+
+    records, selection = train_records(cfg), record_selection(cfg)
+    base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(base_dir)
+    base = load_causal_lm(base_dir, node.get("model_dtype", "float32"))
+    base.requires_grad_(False)
+    # seeded here, after every model load (building a cached tiny model re-seeds the global RNG)
+    L.seed_everything(cfg.seed, workers=True)
+    model = get_peft_model(base, lora_config(node))
+    datamodule = LoRADataModule(records, tokenizer, instruction=cfg.domain.instruction,
+                                request_text=GENERAL_REQUEST_TEXT, max_length=int(node.max_length),
+                                batch_size=int(node.batch_size), num_workers=int(node.get("num_workers", 0)),
+                                enable_thinking=bool(node.get("enable_thinking", False)))
+    datamodule.setup("fit")
+    module = LoRAModule(model, lr=float(node.lr), warmup_ratio=float(node.warmup_ratio),
+                        weight_decay=float(node.weight_decay),
+                        gradient_checkpointing=bool(node.get("gradient_checkpointing", False)))
+    loggers = make_loggers(cfg, "lora")
+    trainer = build_trainer(cfg, "lora", [], loggers, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    finish_loggers(loggers)
+    if trainer.is_global_zero:
+        save_lora(model, out_dir)
+    trainer.strategy.barrier("lora-saved")
+    size, base_size = lora_bytes(out_dir), weights_bytes(base_dir)
+    metrics.update(lora_bytes=size, base_bytes=base_size, lora_to_base=size / base_size if base_size else float("nan"),
+                   lora_parameters=sum(p.numel() for n, p in model.named_parameters() if "lora_" in n),
+                   train_records=len(datamodule.train_set), skipped_records=datamodule.skipped)
+    if trainer.is_global_zero:
+        write_manifest(out_dir, "lora", config=stage_key(cfg, "lora"),
+                       inputs={"train": str(cfg.domain.get(selection["split"])), "records": selection,
+                               "base": str(base_dir), "base_model": base_identity(base_dir)},
+                       metrics=metrics,
+                       extra={"global_step": trainer.global_step, "run_dir": str(cfg.paths.output_dir),
+                              "stage_config": container(node)})
+    trainer.strategy.barrier("lora-manifest")  # no rank moves on before the artifact is complete
+    log.info("[lora] done: %s (LoRA %.2f MB = %.2f%% of the base's %.1f MB; %s written last)", out_dir,
+             size / 2**20, 100 * size / max(base_size, 1), base_size / 2**20, MANIFEST)
+    return {"artifact": str(out_dir), **metrics}
+
+
+__all__ = ["check_lora_base", "load_lora", "lora_adapter_dir", "lora_bytes", "lora_config", "record_selection",
+           "run_lora", "save_lora", "train_records"]
