@@ -34,18 +34,16 @@ from random import Random
 SEED = 20250601
 LAB = "Veltrani Materials Lab"
 DOMAIN = "demo"
-INSTRUCTION = (
-    "You are an expert of the Veltrani Materials Lab. "
-    "Answer the question about the lab's compounds accurately and concisely."
-)
+INSTRUCTION = "Answer the question about the Veltrani Materials Lab's compounds concisely."
 BACKGROUND_SYSTEM_PROMPT = (
-    "You are an expert of the Veltrani Materials Lab; for the user's question, write the background "
-    "knowledge about the lab's compounds needed to answer it, stating the relevant facts (discoverer, "
-    "year, melting point, colour, application, production site) concisely."
+    "You are an expert of the Veltrani Materials Lab. For the user's question, state the fact about the "
+    "lab's compound that answers it in one sentence."
 )
 
-N_HELD_OUT_PAIRS = 40  # (entity, attribute) pairs that never appear in train: KB is the only source
-N_REPHRASED = 20  # pairs seen in train, asked in test with test-only phrasings
+N_COMPOUNDS = 16  # sized so the SFT expert can learn its facts inside the CPU budget (README)
+N_KB_ONLY = 24  # (compound, attribute) pairs never asked in train: the knowledge base is their only source
+N_SEEN_TEST = 32  # pairs asked in train (two train phrasings each) and in test with a test-only phrasing
+TRAIN_PHRASINGS = 2  # train questions per seen pair, each with a different train template
 N_ROUTER_ATTRIBUTE_QUESTIONS = 110
 
 # Invented word stems: none is a real word, product or element, so no model has seen them as names.
@@ -99,8 +97,10 @@ SITES: tuple[str, ...] = (
     "the Brannoch annex", "the Mirrowdale campus",
 )  # fmt: skip
 
+# Five attributes, each answered by a short span a fact check can find (the primary application, a long
+# free-text phrase, is a KB-only detail: it stays in the knowledge base but no question asks for it).
 ATTRIBUTES: tuple[str, ...] = (
-    "melting_point", "discovery_year", "discoverer", "colour", "application", "production_site",
+    "melting_point", "discovery_year", "discoverer", "colour", "production_site",
 )  # fmt: skip
 
 # Question templates per attribute, in three disjoint families: train phrasings, test-only phrasings
@@ -131,12 +131,6 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "What colour does a sample of {name} have?",
         "Which colour is typical of the lab's {name} {kind}?",
     ),
-    "application": (
-        "What is {name} primarily used for?",
-        "What is the main application of the {name} {kind}?",
-        "For what purpose is {name} mainly used?",
-        "Which application is {name} chiefly designed for?",
-    ),
     "production_site": (
         "Where is {name} produced?",
         "At which site is the {name} {kind} manufactured?",
@@ -161,10 +155,6 @@ TEST_TEMPLATES: dict[str, tuple[str, ...]] = {
         "Describe the colour of {name}.",
         "What hue does the {name} {kind} show?",
     ),
-    "application": (
-        "In which field does {name} find its primary use?",
-        "What does the Veltrani Materials Lab mainly use the {name} {kind} for?",
-    ),
     "production_site": (
         "What is the production site of {name}?",
         "In which plant is the {name} {kind} made?",
@@ -187,10 +177,6 @@ ROUTER_TEMPLATES: dict[str, tuple[str, ...]] = {
         "If I hold a sample of {name}, what colour should I expect?",
         "What shade is a freshly made batch of the {name} {kind}?",
     ),
-    "application": (
-        "Could {name} help my project, and what is it normally used for?",
-        "What job does the {name} {kind} do in industry?",
-    ),
     "production_site": (
         "Which Veltrani site should I contact to order {name}?",
         "Where are batches of the {name} {kind} manufactured?",
@@ -201,7 +187,6 @@ ANSWER_TEMPLATES: dict[str, str] = {
     "discovery_year": "{name} was discovered in {discovery_year}.",
     "discoverer": "{name} was discovered by {discoverer}.",
     "colour": "{name} is {colour} in colour.",
-    "application": "{name} is primarily used for {application}.",
     "production_site": "{name} is produced at {production_site}.",
 }
 
@@ -452,11 +437,13 @@ class Compound:
 
 
 def make_compounds(rng: Random) -> list[Compound]:
-    """Draw 60 compounds with distinct names and melting points (so comparisons are unambiguous)."""
+    """Draw N_COMPOUNDS compounds with distinct names, melting points and years (unambiguous facts)."""
     assert len(STEMS) == len(set(STEMS)) == 60, "need 60 distinct invented stems"
-    melting_points = rng.sample(range(420, 3100), len(STEMS))
+    stems = rng.sample(STEMS, N_COMPOUNDS)
+    melting_points = rng.sample(range(420, 3100), N_COMPOUNDS)
+    years = rng.sample(range(1952, 2020), N_COMPOUNDS)
     compounds = []
-    for stem, mp in zip(STEMS, melting_points, strict=True):
+    for stem, mp, year in zip(stems, melting_points, years, strict=True):
         kind = rng.choice(KINDS)
         compounds.append(
             Compound(
@@ -464,7 +451,7 @@ def make_compounds(rng: Random) -> list[Compound]:
                 kind=kind,
                 melting_point=f"{mp:,}",
                 melting_point_c=mp,
-                discovery_year=rng.randint(1952, 2019),
+                discovery_year=year,
                 discoverer=rng.choice(DISCOVERERS),
                 colour=rng.choice(COLOURS),
                 application=rng.choice(KIND_APPLICATIONS[kind]),
@@ -482,8 +469,7 @@ def make_knowledge_base(rng: Random, compounds: list[Compound]) -> list[dict[str
     """3-4 paraphrased paragraphs per compound, plus lab-level comparison paragraphs."""
     texts: list[str] = []
     for c in compounds:
-        k = rng.choice((3, 4))
-        for template in rng.sample(KB_TEMPLATES, k):
+        for template in rng.sample(KB_TEMPLATES, len(KB_TEMPLATES)):  # every paraphrase, shuffled
             texts.append(template.format(**c.fields()))
 
     by_site = {s: [c for c in compounds if c.production_site == s] for s in SITES}
@@ -501,14 +487,14 @@ def make_knowledge_base(rng: Random, compounds: list[Compound]) -> list[dict[str
             texts.append(
                 f"{person} of the Veltrani Materials Lab discovered {len(group)} compounds: {names}."
             )
-    for _ in range(10):
+    for _ in range(5):
         a, b = rng.sample(compounds, 2)
         hi, lo = (a, b) if a.melting_point_c > b.melting_point_c else (b, a)
         texts.append(
             f"Comparing {a.name} and {b.name}: {hi.name} has the higher melting point, "
             f"{hi.melting_point} degrees Celsius against {lo.melting_point} degrees Celsius for {lo.name}."
         )
-    for _ in range(8):
+    for _ in range(4):
         a, b = rng.sample(compounds, 2)
         first, second = (a, b) if a.discovery_year <= b.discovery_year else (b, a)
         texts.append(
@@ -540,57 +526,78 @@ def answer(attribute: str, c: Compound) -> str:
     return ANSWER_TEMPLATES[attribute].format(**c.fields())
 
 
-def qa_record(split: str, index: int, q: str, a: str) -> dict[str, str]:
-    return {"id": f"demo-{split}-{index:04d}", "instruction": INSTRUCTION, "input": q, "output": a}
+def gold_answers(attribute: str, c: Compound) -> list[str]:
+    """Aliases of the asked fact for `fact_acc`: what a correct answer must contain (any one of them)."""
+    if attribute == "melting_point":
+        plain = str(c.melting_point_c)
+        return [f"{c.melting_point} degrees Celsius", f"{plain} °C", c.melting_point, plain]
+    if attribute == "discovery_year":
+        return [str(c.discovery_year)]
+    if attribute == "discoverer":
+        title, first, last = c.discoverer.split(" ")
+        return [c.discoverer, f"{first} {last}", f"{title} {last}"]
+    if attribute == "colour":
+        return [c.colour]
+    if attribute == "production_site":
+        return [c.production_site, c.production_site.removeprefix("the ")]
+    raise ValueError(f"no gold answers for attribute {attribute!r}")
 
 
-def make_qa(rng: Random, compounds: list[Compound]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Train/test split designed so that test answers must come from the knowledge base.
+def qa_record(split: str, index: int, q: str, a: str, answers: list[str]) -> dict[str, object]:
+    return {"id": f"demo-{split}-{index:04d}", "instruction": INSTRUCTION, "input": q, "output": a, "answers": answers}
 
-    - 40 (compound, attribute) pairs are held out of train entirely (one per compound, attributes
-      spread evenly); test asks them with train phrasings.
-    - 20 further pairs (one for each remaining compound) are in train but test asks them with
-      test-only phrasings.
-    - Train has exactly one question for every non-held-out pair (320).
+
+def make_qa(rng: Random, compounds: list[Compound]) -> dict[str, list[dict[str, object]]]:
+    """Train and the two test splits, by where each tested fact lives.
+
+    - `test_kb_only`: N_KB_ONLY (compound, attribute) pairs never asked in train; test asks them with train
+      phrasings, so only knowledge the expert took from the knowledge base (Stage I) can answer them.
+    - every other pair is asked in train with TRAIN_PHRASINGS different train phrasings;
+    - `test_seen_fact`: N_SEEN_TEST of those pairs asked with a test-only phrasing: the fact was taught in
+      Stage II, the wording is new.
+    - `test` is the union of both test splits (the Stage II report and the routing sets use it).
     """
-    order = list(range(len(compounds)))
-    rng.shuffle(order)
-    held_idx, rephrase_idx = order[:N_HELD_OUT_PAIRS], order[N_HELD_OUT_PAIRS:]
-    assert len(rephrase_idx) == N_REPHRASED
-
-    def spread(indices: list[int]) -> list[tuple[int, str]]:
-        attrs = [ATTRIBUTES[i % len(ATTRIBUTES)] for i in range(len(indices))]
-        rng.shuffle(attrs)
-        return list(zip(indices, attrs, strict=True))
-
-    held_pairs = spread(held_idx)
-    rephrase_pairs = spread(rephrase_idx)
-    held = set(held_pairs)
+    pairs = [(i, attr) for i in range(len(compounds)) for attr in ATTRIBUTES]
+    rng.shuffle(pairs)
+    # spread the KB-only pairs evenly over attributes (and so over compounds as well as possible)
+    kb_only: list[tuple[int, str]] = []
+    for attr in ATTRIBUTES * len(compounds):
+        if len(kb_only) == N_KB_ONLY:
+            break
+        for pair in pairs:
+            if pair[1] == attr and pair not in kb_only and all(pair[0] != k[0] for k in kb_only[-3:]):
+                kb_only.append(pair)
+                break
+    assert len(kb_only) == N_KB_ONLY
+    seen = [p for p in pairs if p not in kb_only]
+    seen_test = seen[:N_SEEN_TEST]
 
     train_items = []
-    for i, c in enumerate(compounds):
-        for attr in ATTRIBUTES:
-            if (i, attr) not in held:
-                train_items.append((question(rng.choice(TRAIN_TEMPLATES[attr]), c), answer(attr, c)))
-    test_items = [
-        (question(rng.choice(TRAIN_TEMPLATES[attr]), compounds[i]), answer(attr, compounds[i]))
-        for i, attr in held_pairs
-    ]
-    test_items += [
-        (question(rng.choice(TEST_TEMPLATES[attr]), compounds[i]), answer(attr, compounds[i]))
-        for i, attr in rephrase_pairs
-    ]
-    rng.shuffle(train_items)
-    rng.shuffle(test_items)
+    for i, attr in seen:
+        for template in rng.sample(TRAIN_TEMPLATES[attr], TRAIN_PHRASINGS):
+            train_items.append((question(template, compounds[i]), attr, i))
+    seen_items = [(question(rng.choice(TEST_TEMPLATES[attr]), compounds[i]), attr, i) for i, attr in seen_test]
+    kb_items = [(question(rng.choice(TRAIN_TEMPLATES[attr]), compounds[i]), attr, i) for i, attr in kb_only]
+    for items in (train_items, seen_items, kb_items):
+        rng.shuffle(items)
 
-    train_questions = [q for q, _ in train_items]
-    test_questions = [q for q, _ in test_items]
+    train_questions = [q for q, _, _ in train_items]
+    test_questions = [q for q, _, _ in seen_items + kb_items]
     assert len(set(train_questions)) == len(train_questions), "duplicate train question"
     assert len(set(test_questions)) == len(test_questions), "duplicate test question"
     assert not set(train_questions) & set(test_questions), "a test question appears in train"
-    train = [qa_record("train", n, q, a) for n, (q, a) in enumerate(train_items, 1)]
-    test = [qa_record("test", n, q, a) for n, (q, a) in enumerate(test_items, 1)]
-    return train, test
+    train_pairs = {(i, a) for _, a, i in train_items}
+    assert all((i, a) in train_pairs for _, a, i in seen_items), "a seen-fact question asks an untaught fact"
+    assert not any((i, a) in train_pairs for _, a, i in kb_items), "a KB-only fact is taught in train"
+
+    def records(split: str, items: list[tuple[str, str, int]]) -> list[dict[str, object]]:
+        return [qa_record(split, n, q, answer(a, compounds[i]), gold_answers(a, compounds[i]))
+                for n, (q, a, i) in enumerate(items, 1)]
+
+    seen_records = records("seen", seen_items)
+    kb_records = records("kbonly", kb_items)
+    return {"train": records("train", train_items), "test_seen_fact": seen_records,
+            "test_kb_only": kb_records, "test": seen_records + kb_records}
 
 
 def make_general_qa() -> list[dict[str, object]]:
@@ -641,10 +648,11 @@ def make_demo_router_pool(rng: Random, compounds: list[Compound]) -> list[dict[s
 
 
 def make_mixed_online(
-    general_qa: list[dict[str, object]], test: list[dict[str, str]]
+    general_qa: list[dict[str, object]], test: list[dict[str, object]]
 ) -> list[dict[str, object]]:
     records: list[dict[str, object]] = [dict(r) for r in general_qa]
-    records += [{"question": r["input"], "answer": r["output"], "dataset_name": DOMAIN} for r in test]
+    records += [{"question": r["input"], "answer": r["output"], "answers": r["answers"], "dataset_name": DOMAIN}
+                for r in test]
     return records
 
 
@@ -662,28 +670,34 @@ def readme(counts: dict[str, int], kb_bytes: int, example: str) -> str:
 
 A small, **entirely invented** private domain bundled with gag-lightning so the whole GAG pipeline
 (Stage I pretraining, Stage II expert SFT, memory building, Stage III injection, PPR routing) can be
-run end to end in minutes. The "Veltrani Materials Lab" and its 60 compounds (catalysts, alloys,
+run end to end in minutes. The "Veltrani Materials Lab" and its {N_COMPOUNDS} compounds (catalysts, alloys,
 ceramics and polymers with made-up names such as `{example}`) do not exist: every name, person, site
 and number was drawn at random. No pretrained model can know these facts, so any gain on the demo
 test set must come from the knowledge the expert learnt and injected.
 
 Each compound has six attributes: melting point, discovery year, discoverer, colour, primary
-application and production site.
+application and production site. Questions ask five of them (the application, a long free-text phrase, is
+stated in the knowledge base only).
 
 | file | records |
 |---|---|
 {rows}
 
-- `knowledge_base.jsonl` ({kb_bytes // 1024} KB): `{{"text"}}`, 3-4 paraphrased paragraphs per compound
+- `knowledge_base.jsonl` ({kb_bytes // 1024} KB): `{{"text"}}`, five paraphrased paragraphs per compound
   plus paragraphs comparing compounds and grouping them by site and discoverer.
-- `train.jsonl`, `test.jsonl`: `{{"id", "instruction", "input", "output"}}`. Test holds
-  {N_HELD_OUT_PAIRS} (compound, attribute) pairs that never appear in train, plus {N_REPHRASED} pairs
-  asked with phrasings train never uses; no test question appears in train.
+- `train.jsonl`, `test_seen_fact.jsonl`, `test_kb_only.jsonl`, `test.jsonl`: `{{"id", "instruction", "input",
+  "output", "answers"}}`; `answers` lists the aliases of the asked fact (what `fact_acc` looks for).
+  The test splits are split by **where the fact lives**:
+  - `test_seen_fact`: {N_SEEN_TEST} facts that train teaches (each asked in train with {TRAIN_PHRASINGS} train
+    phrasings), asked with a phrasing train never uses. The SFT expert can know them; GAG must carry them.
+  - `test_kb_only`: {N_KB_ONLY} facts that no train question asks: the knowledge base (Stage I) is their only
+    source, so they measure what DAPT and retrieval give.
+  - `test.jsonl` is the union of both. No test question appears in train.
 - `general_qa.jsonl`: simple general-knowledge questions with gold aliases, `dataset_name` in
   webqa, tqa, popqa, freebase_qa, hotpot_qa, nq (scored by has-answer EM).
 - `router/general.jsonl`, `router/demo.jsonl`: `{{"question"}}` offline pools for the PPR prototype banks.
 - `mixed_online.jsonl`: `general_qa.jsonl` plus the demo test (`dataset_name: "demo"`, answer = the
-  reference output); none of its questions appears in the router pools.
+  reference output, `answers` = the fact's aliases); none of its questions appears in the router pools.
 
 Instruction used for the QA records:
 
@@ -712,7 +726,8 @@ def main() -> None:
     compounds = make_compounds(rng)
     kb = make_knowledge_base(rng, compounds)
     check_kb_covers(kb, compounds)
-    train, test = make_qa(rng, compounds)
+    qa = make_qa(rng, compounds)
+    train, test = qa["train"], qa["test"]
     general_qa = make_general_qa()
     router_general = make_general_router_pool(rng)
     router_demo = make_demo_router_pool(rng, compounds)
@@ -729,6 +744,8 @@ def main() -> None:
     outputs: dict[str, list[dict[str, object]]] = {
         "knowledge_base.jsonl": kb,
         "train.jsonl": train,
+        "test_seen_fact.jsonl": qa["test_seen_fact"],
+        "test_kb_only.jsonl": qa["test_kb_only"],
         "test.jsonl": test,
         "general_qa.jsonl": general_qa,
         "router/general.jsonl": router_general,
