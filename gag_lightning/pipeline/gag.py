@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
-from gag_lightning.errors import MissingArtifactError, SchemaMismatchError
+from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 from gag_lightning.models.adapter import (
     AdapterConfig,
     GAGAdapter,
@@ -168,6 +168,15 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None)
     init = node.get("init_adapter")
     adapter = _resume_adapter(str(init), config) if init else GAGAdapter(config)
+    init_mode = str(node.get("init", "random"))
+    alignment = None
+    if init_mode == "token_alignment" and not init:
+        from gag_lightning.pipeline.alignment import align_adapter
+
+        alignment = align_adapter(cfg, adapter, base, tokenizer, train_bank)
+        L.seed_everything(cfg.seed, workers=True)  # the expert load must not change the training RNG stream
+    elif init_mode not in ("random", "token_alignment"):
+        raise GAGError(f"gag.init={init_mode!r}: choose random or token_alignment")
     datamodule.check_adapter(adapter.config)
     datamodule.setup("fit")
     del encoder
@@ -209,6 +218,8 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
                    train_records=len(datamodule.sets["train"]),
                    val_records=len(datamodule.sets["val"]) if has_val else 0)
     metrics.update({k: float(v) for k, v in module.mix_metrics().items()})
+    if alignment is not None:
+        metrics.update(alignment_tokens=alignment.tokens, alignment_token_acc=alignment.train_token_acc)
     if trainer.is_global_zero:
         write_manifest(out_dir, "gag", config=stage_key(cfg, "gag"),
                        inputs={"train_bank": str(train_bank), "val_bank": str(val_bank) if val_bank else None,
