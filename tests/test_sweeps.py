@@ -54,7 +54,9 @@ def test_sweep_composes_and_every_job_config_resolves(tmp_path, sweep):
     assert params, f"sweep/{sweep}.yaml sweeps nothing"
     resolved = _resolve(cfg)
     assert resolved["sweep_name"] == sweep
-    assert resolved["run_stages"][-3:] == ["gag", "lora", "eval"]  # lora: trained only if eval.systems has it
+    stages = resolved["run_stages"]
+    assert stages[-1] == "eval" and "gag" in stages
+    assert ("lora" in stages) == ("lora" in resolved["eval"]["systems"])  # rag_k evaluates base and rag only
     for name in resolved["run_stages"]:
         assert name in resolved, f"no config node for stage '{name}'"
     choices = {key: [v.strip() for v in str(values).split(",")] for key, values in params.items()}
