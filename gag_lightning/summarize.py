@@ -1,12 +1,15 @@
-"""Tabulate a Hydra multirun: one row per job (its swept values; fact_acc [95% CI], token F1, BERTScore F1, STS of
-every evaluated system; gag minus base), saved beside the runs as ``summary.md`` + ``summary.csv`` +
-``summary.png`` and printed. Jobs that differ only by ``seed`` are also shown pooled: mean ± std over the seeds.
+"""Tabulate a Hydra multirun: one table per eval split, one row per job (its swept values; fact_acc [95% CI], token
+F1, BERTScore F1, STS of every evaluated system; gag minus base), saved beside the runs as ``summary.md`` +
+``summary.csv`` (a ``split`` column) + ``summary.png`` and printed. Jobs that differ only by ``seed`` are also shown
+pooled: mean ± std over the seeds.
 
     python -m gag_lightning.summarize logs/smoke/multiruns/slots_2026-01-01_12-00-00
 
 A job's metrics come from the ``results.json`` train.py writes last in its folder (they name the eval artifact
 the job used, which may have been built by another job); for runs without one, the eval artifact is found
-through the job's log. Nothing is re-composed, so a summary works on a copy of the run folders.
+through the job's log. Nothing is re-composed, so a summary works on a copy of the run folders. Metrics are
+``eval/<split>/<system>/<metric>``; those of runs from before the eval splits (``eval/<system>/<metric>``) are read
+as split ``test``, the eval split those runs used by default.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from gag_lightning.results import read_run_results
 METRICS = {"fact_acc": "fact_acc", "token_f1": "token F1", "bertscore_f1": "BERTScore F1", "sts": "STS", "em": "EM"}
 SEED_KEY = "seed"
 SYSTEM_ORDER = ("base", "expert", "expert_context", "rag", "lora", "gag", "gag_shuffled")
+LEGACY_SPLIT = "test"  # eval/<system>/<metric>: one split, the eval stage's old default `eval.split=test`
 _EVAL_LOG = re.compile(r"\[eval\] (?:done: (\S+)/report\.md|artifact already complete for this configuration: "
                        r"(\S+) \(skipping\))")
 
 
 @dataclass
 class Job:
-    """One multirun job: its folder, parsed overrides, eval metrics (``eval/<system>/<metric>``) and status."""
+    """One multirun job: its folder, parsed overrides, eval metrics (``eval/<split>/<system>/<metric>``), status."""
 
     dir: Path
     overrides: dict[str, str]
@@ -54,28 +58,63 @@ class Summary:
     systems: list[str]
     metrics: list[str]
     sweep_name: str | None = None
+    splits: list[str] = field(default_factory=list)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Raw values per job (fractions, not x100): the CSV and the plot read these."""
+    def split_or_first(self, split: str | None) -> str:
+        return split if split is not None else (self.splits[0] if self.splits else LEGACY_SPLIT)
+
+    def rows(self, split: str | None = None) -> list[dict[str, Any]]:
+        """Raw values per job on one eval split (the first when None; fractions, not x100): tables and plot."""
+        split = self.split_or_first(split)
         out = []
         for job in self.jobs:
-            row: dict[str, Any] = {"job": job.dir.name, **{k: job.overrides.get(k) for k in self.swept}}
+            row: dict[str, Any] = {"job": job.dir.name, "split": split, **{k: job.overrides.get(k) for k in self.swept}}
+
+            def get(system: str, key: str, job: Job = job) -> float | None:
+                return job.metrics.get(f"eval/{split}/{system}/{key}")
+
             for metric in self.metrics:
                 for system in self.systems:
-                    row[f"{system}/{metric}"] = job.metrics.get(f"eval/{system}/{metric}")
+                    row[f"{system}/{metric}"] = get(system, metric)
                     if metric == "fact_acc":
                         for end in ("lo", "hi"):
-                            row[f"{system}/fact_acc_{end}"] = job.metrics.get(f"eval/{system}/fact_acc_{end}")
-                row[f"gag-base/{metric}"] = _diff(job.metrics.get(f"eval/gag/{metric}"),
-                                                  job.metrics.get(f"eval/base/{metric}"))
+                            row[f"{system}/fact_acc_{end}"] = get(system, f"fact_acc_{end}")
+                row[f"gag-base/{metric}"] = _diff(get("gag", metric), get("base", metric))
                 if metric == "fact_acc":  # the paired-bootstrap interval of gag minus base, when eval made one
                     for end in ("lo", "hi"):
-                        row[f"gag-base/fact_acc_{end}"] = job.metrics.get(f"eval/base/gag_minus_fact_acc_{end}")
+                        row[f"gag-base/fact_acc_{end}"] = get("base", f"gag_minus_fact_acc_{end}")
             # the NLL part alone: comparable across loss weights, unlike the weighted total
             row["gag/val_nll"] = job.gag.get("val/nll")
             row["status"] = job.status
             out.append(row)
         return out
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        """Every split's rows, split by split (the CSV)."""
+        return [row for split in self.splits or [LEGACY_SPLIT] for row in self.rows(split)]
+
+
+def metric_key(key: str) -> tuple[str, str, str] | None:
+    """``eval/<split>/<system>/<metric>`` -> (split, system, metric); a pre-split ``eval/<system>/<metric>`` is
+    split ``test`` (LEGACY_SPLIT); anything else None."""
+    parts = key.split("/")
+    if parts[0] != "eval":
+        return None
+    if len(parts) == 4:
+        return parts[1], parts[2], parts[3]
+    if len(parts) == 3:
+        return LEGACY_SPLIT, parts[1], parts[2]
+    return None
+
+
+def eval_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """The eval metrics among ``values``, keyed ``eval/<split>/<system>/<metric>`` (legacy keys renamed)."""
+    out = {}
+    for key, value in values.items():
+        parsed = metric_key(str(key))
+        if parsed is not None and value is not None:
+            out["eval/{}/{}/{}".format(*parsed)] = float(value)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ collecting
@@ -135,7 +174,7 @@ def load_job(job_dir: Path) -> Job:
         stages = results.get("stages") or {}
         evaluation = stages.get("eval") or {}
         job.eval_artifact = evaluation.get("artifact")
-        job.metrics = {k: float(v) for k, v in evaluation.items() if k.startswith("eval/") and v is not None}
+        job.metrics = eval_metrics(evaluation)
         job.gag = dict(stages.get("gag") or {})
         if not evaluation:
             job.status = "no eval stage"
@@ -143,7 +182,7 @@ def load_job(job_dir: Path) -> Job:
     # no results.json: the job failed, is still running, or predates it; its log may still name the eval artifact
     job.eval_artifact = _eval_artifact_from_log(job_dir)
     metrics = _read_manifest_metrics(job.eval_artifact)
-    job.metrics = {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and v is not None}
+    job.metrics = eval_metrics(metrics)
     job.status = "ok (from log)" if job.metrics else "no results (failed or unfinished)"
     return job
 
@@ -161,11 +200,13 @@ def collect(root: str | Path) -> Summary:
             values = {j.overrides.get(key) for j in jobs}
             if key not in swept and not key.startswith("hydra") and len(values) > 1:
                 swept.append(key)
-    seen_systems = {k.split("/")[1] for j in jobs for k in j.metrics}
+    keys = [k.split("/")[1:] for j in jobs for k in j.metrics]  # [split, system, metric]
+    splits = list(dict.fromkeys(k[0] for k in keys))
+    seen_systems = {k[1] for k in keys}
     systems = [s for s in SYSTEM_ORDER if s in seen_systems] + sorted(seen_systems - set(SYSTEM_ORDER))
-    metrics = [m for m in METRICS if any(k.endswith(f"/{m}") for j in jobs for k in j.metrics)]
+    metrics = [m for m in METRICS if any(k[2] == m for k in keys)]
     sweep_name = next((r.get("sweep_name") for r in map(read_run_results, (j.dir for j in jobs)) if r), None)
-    return Summary(root, jobs, swept, systems, metrics, sweep_name)
+    return Summary(root, jobs, swept, systems, metrics, sweep_name, splits)
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -207,7 +248,8 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
 
 
-def markdown_table(summary: Summary) -> str:
+def markdown_table(summary: Summary, split: str | None = None) -> str:
+    """One eval split's table (the first split when None)."""
     names = short_names(summary.swept)
     header = ["job", *(names[k] for k in summary.swept)]
     for metric in summary.metrics:
@@ -217,7 +259,7 @@ def markdown_table(summary: Summary) -> str:
     header += ["gag val NLL", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     with_diff = {"gag", "base"} <= set(summary.systems)
-    for job, row in zip(summary.jobs, summary.rows(), strict=True):
+    for job, row in zip(summary.jobs, summary.rows(split), strict=True):
         cells = [job.dir.name, *(str(row[k]) if row[k] is not None else "-" for k in summary.swept)]
         for metric in summary.metrics:
             cells += _cells(row, metric, summary.systems, with_diff)
@@ -228,14 +270,14 @@ def markdown_table(summary: Summary) -> str:
 
 
 # ------------------------------------------------------------------------------------------ seeds
-def seed_groups(summary: Summary) -> list[tuple[dict[str, str | None], list[dict[str, Any]]]]:
-    """Jobs that differ only by ``seed``, grouped: [(the other swept values, their rows)]; [] when seed is not swept
-    or no two jobs share everything else."""
+def seed_groups(summary: Summary, split: str | None = None) -> list[tuple[dict[str, str | None], list[dict[str, Any]]]]:
+    """Jobs that differ only by ``seed``, grouped: [(the other swept values, their rows on ``split``)]; [] when seed
+    is not swept or no two jobs share everything else."""
     if SEED_KEY not in summary.swept:
         return []
     others = [k for k in summary.swept if k != SEED_KEY]
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in summary.rows():
+    for row in summary.rows(split):
         groups.setdefault(tuple(row.get(k) for k in others), []).append(row)
     if not any(len(rows) > 1 for rows in groups.values()):
         return []
@@ -261,9 +303,9 @@ def _mean_std_cell(values: Sequence[float | None], signed: bool = False) -> str:
     return cell + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
-def seed_table(summary: Summary) -> str:
+def seed_table(summary: Summary, split: str | None = None) -> str:
     """Markdown: one row per group of jobs that differ only by seed, each metric as mean ± std (x100) over seeds."""
-    groups = seed_groups(summary)
+    groups = seed_groups(summary, split)
     if not groups:
         return ""
     names = short_names(summary.swept)
@@ -295,7 +337,8 @@ def _job_label(summary: Summary, job: Job) -> str:
 
 
 def plot(summary: Summary, path: Path) -> Path | None:
-    """One panel per metric: each system's score (x100) against the swept value(s), jobs in sweep order."""
+    """One panel per eval split and metric: each system's score (x100) against the swept value(s), jobs in sweep
+    order; one row of panels per split."""
     if not summary.metrics:
         return None
     import matplotlib
@@ -303,14 +346,18 @@ def plot(summary: Summary, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary.rows()
+    splits = summary.splits or [LEGACY_SPLIT]
+    rows_of = {split: summary.rows(split) for split in splits}
     xs = list(range(len(summary.jobs)))
     labels = [_job_label(summary, j) for j in summary.jobs]
     n = len(summary.metrics)
     width = min(14.0, max(5.0, 1.1 * len(xs) + 3))
-    nrows, ncols = (n, 1) if len(xs) > 5 else (1, n)  # many jobs: panels stacked, so labels stay readable
+    # many jobs: panels stacked, so labels stay readable
+    nrows, ncols = (n * len(splits), 1) if len(xs) > 5 else (len(splits), n)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.2 * nrows), squeeze=False)
-    for ax, metric in zip(axes.flat, summary.metrics, strict=True):
+    panels = [(split, metric) for split in splits for metric in summary.metrics]
+    for ax, (split, metric) in zip(axes.flat, panels, strict=True):
+        rows = rows_of[split]
         for system in summary.systems:
             ys = [100 * r[f"{system}/{metric}"] if r[f"{system}/{metric}"] is not None else float("nan")
                   for r in rows]
@@ -320,6 +367,7 @@ def plot(summary: Summary, path: Path) -> Path | None:
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_xlabel(", ".join(short_names(summary.swept).values()) or "job")
         ax.set_ylabel(f"{METRICS[metric]} x100")
+        ax.set_title(split, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"sweep: {summary.sweep_name or summary.root.name}")
@@ -330,7 +378,7 @@ def plot(summary: Summary, path: Path) -> Path | None:
 
 
 def write_csv(summary: Summary, path: Path) -> Path:
-    rows = summary.rows()
+    rows = summary.all_rows()
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -341,7 +389,6 @@ def write_csv(summary: Summary, path: Path) -> Path:
 def write_summary(summary: Summary, make_plot: bool = True) -> dict[str, Path]:
     """summary.md (+ summary.csv, summary.png) in the multirun folder; returns their paths."""
     root = summary.root
-    table = markdown_table(summary)
     paths = {"csv": write_csv(summary, root / "summary.csv")}
     png = plot(summary, root / "summary.png") if make_plot else None
     if png:
@@ -351,16 +398,17 @@ def write_summary(summary: Summary, make_plot: bool = True) -> dict[str, Path]:
     text = [f"# Sweep summary: {summary.sweep_name or root.name}", "",
             f"`{root}`: {len(summary.jobs)} jobs ({ok} with eval metrics); swept: "
             f"{', '.join(f'`{k}`' for k in summary.swept) or 'nothing'}.",
-            "Scores x100 on the eval split: fact_acc (a gold alias of the fact in the answer, with its bootstrap 95% "
+            "Scores x100 on each eval split (one table per split): fact_acc (a gold alias of the fact in the answer, with its bootstrap 95% "
             "CI; n/a = no gold answers), token F1, BERTScore F1, STS cosine; gag-base = GAG minus the base alone "
             "(for fact_acc with its paired-bootstrap CI); gag val NLL = the answer NLL at the adapter's last "
             "validation.", ""]
     if first:
         text += [f"Eval artifact of job {first.dir.name}: `{first.eval_artifact}`", ""]
-    text += [table, ""]
-    seeds = seed_table(summary)
-    if seeds:
-        text += ["## Across seeds (mean ± sample std over the seeds, x100)", "", seeds, ""]
+    for split in summary.splits or [LEGACY_SPLIT]:
+        text += [f"## Eval split `{split}`", "", markdown_table(summary, split), ""]
+        seeds = seed_table(summary, split)
+        if seeds:
+            text += [f"### Across seeds on `{split}` (mean ± sample std over the seeds, x100)", "", seeds, ""]
     if png:
         text += [f"![{png.stem}]({png.name})", ""]
     paths["md"] = root / "summary.md"
@@ -379,10 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     paths = write_summary(summary, make_plot=not args.no_plot)
-    print(markdown_table(summary))
-    seeds = seed_table(summary)
-    if seeds:
-        print("\nAcross seeds (mean ± std, x100):\n" + seeds)
+    for split in summary.splits or [LEGACY_SPLIT]:
+        print(f"\nEval split {split}:\n" + markdown_table(summary, split))
+        seeds = seed_table(summary, split)
+        if seeds:
+            print(f"\nAcross seeds on {split} (mean ± std, x100):\n" + seeds)
     print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0 if any(j.metrics for j in summary.jobs) else 2
 

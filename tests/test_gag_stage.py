@@ -503,7 +503,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     make_bank(mem / "train", n=6)
     make_bank(mem / "test", n=4, seed=1)
     overrides = ["experiment=smoke", "stage=eval", f"gag.memory_dir={mem}", "gag.max_steps=2", "gag.batch_size=2",
-                 "gag.val_fraction=0.34", "eval.max_records=3",
+                 "gag.val_fraction=0.34", "eval.max_records=3", "eval.splits=[test]",
                  "domain.answer_max_new_tokens=3",
                  "eval.systems=[base,expert_context,rag,gag,gag_shuffled]", "run_stages=[gag,eval]"]
     cfg = compose_cfg(overrides)
@@ -518,11 +518,13 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     config = json.loads((gag_dir / "adapter_config.json").read_text())
     assert config["slots"] == S and config["memory_schema"]["hidden_size"] == H_E and config["base_model"]
     eval_dir = Path(results["eval"]["artifact"])
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = json.loads((eval_dir / "test" / "metrics.json").read_text())
+    assert json.loads((eval_dir / "metrics.json").read_text()) == {"test": metrics}
     assert set(metrics["systems"]) == {"base", "expert_context", "rag", "gag", "gag_shuffled"}
     assert all(s["n"] == 3 for s in metrics["systems"].values())
-    assert (eval_dir / "report.md").is_file() and (eval_dir / "predictions.jsonl").is_file()
-    assert "eval/gag/bertscore_f1" in results["eval"]
+    assert (eval_dir / "test" / "report.md").is_file() and (eval_dir / "test" / "predictions.jsonl").is_file()
+    assert (eval_dir / "report.md").read_text() == (eval_dir / "test" / "report.md").read_text()
+    assert "eval/test/gag/bertscore_f1" in results["eval"]
     # a second run finds both artifacts and skips
     again = run(compose_cfg(overrides))
     assert again["gag"]["skipped"] and again["eval"]["skipped"]
@@ -545,7 +547,8 @@ def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(
     cfg = compose_cfg(["experiment=smoke", "stage=eval", "memory.expert=base", f"domain.train={train}",
                        f"domain.test={test}", "memory.progress=false", "domain.background_max_new_tokens=4",
                        "domain.answer_max_new_tokens=3", "gag.max_steps=2", "gag.batch_size=2",
-                       "gag.val_fraction=0.34", "eval.systems=[base,gag]", "run_stages=[memory,gag,eval]"])
+                       "gag.val_fraction=0.34", "eval.systems=[base,gag]", "run_stages=[memory,gag,eval]",
+                       "domain.eval_splits=[test]"])
     results = run(cfg)
 
     mem = Path(results["memory"]["artifact"])
@@ -553,7 +556,7 @@ def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(
     assert [m.get("answers") for m in test_metas] == [["1956"], ["silvery grey", "grey"], ["Nordhavn"], None]
     assert not any("answers" in m for m in MemoryBank.open(mem / "train").metas())
 
-    eval_dir = Path(results["eval"]["artifact"])
+    eval_dir = Path(results["eval"]["artifact"]) / "test"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     lines = [json.loads(x) for x in (eval_dir / "predictions.jsonl").read_text().splitlines()]
     for system in ("base", "gag"):
@@ -565,5 +568,5 @@ def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(
         assert facts[3] is None and all(f in (0.0, 1.0) for f in facts[:3])
         assert s["fact_acc"] == pytest.approx(sum(facts[:3]) / 3)
     assert set(metrics["systems"]["base"]["paired_vs_gag"]) >= {"diff", "lo", "hi"}
-    assert "eval/gag/fact_acc" in results["eval"] and "eval/base/gag_minus_fact_acc" in results["eval"]
+    assert "eval/test/gag/fact_acc" in results["eval"] and "eval/test/base/gag_minus_fact_acc" in results["eval"]
     assert "GAG minus base:" in (eval_dir / "report.md").read_text()

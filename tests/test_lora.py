@@ -143,11 +143,13 @@ def test_lora_trains_on_stage_three_records_and_keys_them(compose_cfg):
     from gag_lightning.pipeline.keys import artifact_dir, stage_key
     from gag_lightning.pipeline.lora import train_records
 
-    demo = compose_cfg(["stage=lora"])  # the demo preset: the first 96 train records get a memory
+    demo = compose_cfg(["stage=lora"])  # the demo preset: all 112 train records get a memory
     records = train_records(demo)
-    train_pos, val_pos = split_positions(96, 0.05, demo.seed)
-    assert [r.index for r in records] == train_pos and len(records) == 91 and len(val_pos) == 5
-    assert len(train_records(compose_cfg(["stage=lora", "gag.val_source=none"]))) == 96
+    train_pos, val_pos = split_positions(112, 0.05, demo.seed)
+    assert [r.index for r in records] == train_pos and len(records) == 106 and len(val_pos) == 6
+    assert len(train_records(compose_cfg(["stage=lora", "gag.val_source=none"]))) == 112
+    capped = compose_cfg(["stage=lora", "memory.max_records={train: 96, test_kb_only: 8}"])
+    assert len(train_records(capped)) == len(split_positions(96, 0.05, demo.seed)[0])
     same = ["gag.adapter.fusion=uniform", "gag.loss_weights.sem=0", "memory.compression.slots=2",
             "hardware.num_workers=3", "gag.lr=0.5"]
     other = ["memory.max_records=50", "gag.val_fraction=0.2", "gag.max_steps=7", "lora.r=4", "seed=3",
@@ -183,7 +185,7 @@ def test_lora_stage_and_eval_system_end_to_end(compose_cfg, tmp_path):
     mem = tmp_path / "memory"
     make_bank(mem / "test", n=4, seed=1)
     common = ["experiment=smoke", "stage=eval", f"gag.memory_dir={mem}", "lora.max_steps=2", "eval.max_records=3",
-              "domain.answer_max_new_tokens=4", "memory.max_records=24"]
+              "eval.splits=[test]", "domain.answer_max_new_tokens=4", "memory.max_records=24"]
     results = run(compose_cfg([*common, "run_stages=[lora,eval]", "eval.systems=[base,lora]"]))
     lora_dir = Path(results["lora"]["artifact"])
     manifest = json.loads((lora_dir / "manifest.json").read_text())
@@ -192,19 +194,19 @@ def test_lora_stage_and_eval_system_end_to_end(compose_cfg, tmp_path):
     assert manifest["config"]["config"]["max_steps"] == 2 and manifest["global_step"] == 2
     assert sorted(p.name for p in lora_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                           "manifest.json"]
-    eval_dir = Path(results["eval"]["artifact"])
+    eval_dir = Path(results["eval"]["artifact"]) / "test"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert set(metrics["systems"]) == {"base", "lora"}
     assert metrics["systems"]["lora"]["added_prompt_tokens"] == 0.0 and metrics["systems"]["lora"]["n"] == 3
     assert metrics["settings"]["lora_bytes"] == m["lora_bytes"] and metrics["settings"]["lora"] == str(lora_dir)
-    assert "eval/lora/bertscore_f1" in results["eval"]
+    assert "eval/test/lora/bertscore_f1" in results["eval"]
 
     # the base system answers exactly as in an evaluation without the LoRA loaded (it is switched off)
     alone = run(compose_cfg([*common, "run_stages=[eval]", "eval.systems=[base]"]))
     assert alone["eval"]["artifact"] != results["eval"]["artifact"]
 
     def predictions(folder: str, system: str) -> list[str]:
-        rows = [json.loads(x) for x in (Path(folder) / "predictions.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (Path(folder) / "test" / "predictions.jsonl").read_text().splitlines()]
         return [r["prediction"] for r in rows if r["system"] == system]
 
     assert predictions(alone["eval"]["artifact"], "base") == predictions(results["eval"]["artifact"], "base")

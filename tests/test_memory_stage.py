@@ -37,6 +37,7 @@ from gag_lightning.memory.extract import (
     teacher_forced_states,
 )
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
+from gag_lightning.pipeline.keys import memory_splits
 from gag_lightning.prompts import stop_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_gold_answers_reach_the_bank_metas_only_when_given(tmp_path, expert, rec
     from gag_lightning.eval.harness import items_from_metas
 
     model, _ = expert
-    plain = records[:6]
+    plain = [dataclasses.replace(r, answers=None) for r in records[:6]]  # the demo's records carry answers
     aliased = [dataclasses.replace(r, answers=[f"alias {r.index}", "1,956"]) if r.index < 3 else r for r in plain]
     stores = {}
     for name, recs in (("plain", plain), ("aliased", aliased)):
@@ -315,8 +316,12 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
             f"hydra.run.dir={tmp_path / 'run-single'}"])
     memory = _only_folder(single, "memory")
     manifest = json.loads((memory / "manifest.json").read_text())
-    assert manifest["metrics"]["train/records"] == 320 and manifest["metrics"]["test/records"] == 60
-    for split, n in (("train", 320), ("test", 60)):
+    # gag's train split and the demo's two eval splits (memory.splits: null), every record
+    sizes = {"train": 112, "test_seen_fact": 32, "test_kb_only": 24}
+    assert manifest["splits"] == list(sizes) and sorted(p.name for p in memory.iterdir() if p.is_dir()) == sorted(sizes)
+    assert {k: v for k, v in manifest["metrics"].items() if k.endswith("/records")} == {
+        f"{split}/records": n for split, n in sizes.items()}
+    for split, n in sizes.items():
         bank = MemoryBank.open(memory / split, expect={"layer_keys": list(KEYS), "slots": 4, "hidden_size": 64})
         assert len(bank) == n and bank.schema.dtype == "float16"
         assert bank.memories().shape == (n, 4, 4, 64)
@@ -330,17 +335,17 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
     for stage in ("dapt", "sft"):
         src = _only_folder(single, stage)
         shutil.copytree(src, ddp / "tiny" / "demo" / src.name)
-    proc = _train(["stage=memory", "memory.splits=[test]", f"paths.artifacts={ddp}", "trainer.accelerator=cpu",
+    proc = _train(["stage=memory", "memory.splits=[test_kb_only]", f"paths.artifacts={ddp}", "trainer.accelerator=cpu",
                    "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'run-ddp'}"])
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     ddp_memory = _only_folder(ddp, "memory")
-    names = {p.name for p in (ddp_memory / "test").iterdir()}
+    names = {p.name for p in (ddp_memory / "test_kb_only").iterdir()}
     assert {"shard-r000-000000.safetensors", "shard-r001-000000.safetensors"} <= names  # one shard per rank
-    bg_single = BackgroundStore.open(_only_folder(single, "backgrounds") / "test")
-    bg_ddp = BackgroundStore.open(_only_folder(ddp, "backgrounds") / "test")
+    bg_single = BackgroundStore.open(_only_folder(single, "backgrounds") / "test_kb_only")
+    bg_ddp = BackgroundStore.open(_only_folder(ddp, "backgrounds") / "test_kb_only")
     assert bg_ddp.fingerprint == bg_single.fingerprint
     assert bg_ddp.read_all() == bg_single.read_all()
-    a, b = MemoryBank.open(memory / "test"), MemoryBank.open(ddp_memory / "test")
+    a, b = MemoryBank.open(memory / "test_kb_only"), MemoryBank.open(ddp_memory / "test_kb_only")
     assert a.schema == b.schema and a.metas() == b.metas()
     # float16 storage: equal up to the rounding of float32 values that differ in the last bits
     torch.testing.assert_close(a.memories(), b.memories(), atol=1e-2, rtol=0)
@@ -366,9 +371,33 @@ def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None
         split_limits(compose_cfg(["experiment=smoke", "memory.max_records={dev: 3}"]), ["train", "test"])
     with pytest.raises(GAGError, match="positive integer"):
         split_limits(compose_cfg(["experiment=smoke", "memory.max_records={train: 0}"]), ["train", "test"])
-    # the demo preset caps its CPU pipeline; the smoke experiment keeps every record
+    # the demo preset and the smoke experiment keep every record; a cap may name the demo's eval splits
     demo = compose_cfg([])
-    assert split_limits(demo, ["train", "test"]) == {"train": 96, "test": 40}
+    splits = memory_splits(demo)
+    assert split_limits(demo, splits) == {s: None for s in splits}
+    named = compose_cfg(["memory.max_records={train: 16, test_kb_only: 4}"])
+    assert split_limits(named, memory_splits(named)) == {"train": 16, "test_seen_fact": None, "test_kb_only": 4}
+    with pytest.raises(GAGError, match="does not build"):
+        split_limits(compose_cfg(["memory.max_records={test: 4}"]), splits)
+
+
+def test_memory_splits_follow_the_domain_eval_splits(compose_cfg) -> None:
+    """memory.splits: null builds gag's train split + the domain's eval splits, for the runner and the keys alike."""
+    from gag_lightning.pipeline.keys import stage_key
+
+    demo = compose_cfg([])
+    assert list(demo.domain.eval_splits) == ["test_seen_fact", "test_kb_only"] and demo.memory.splits is None
+    assert memory_splits(demo) == ["train", "test_seen_fact", "test_kb_only"]
+    assert memory_splits(compose_cfg(["stage=memory"])) == ["train", "test_seen_fact", "test_kb_only"]
+    assert set(stage_key(demo, "backgrounds")["data"]) == {"train", "test_seen_fact", "test_kb_only"}
+    for domain in ("materials", "adjuvant"):
+        cfg = compose_cfg([f"domain={domain}"])
+        assert list(cfg.domain.eval_splits) == ["test"] and memory_splits(cfg) == ["train", "test"]
+    # gag validating on a test bank adds it; an explicit list wins
+    assert memory_splits(compose_cfg(["gag.val_source=test"]))[-1] == "test"
+    assert memory_splits(compose_cfg(["memory.splits=[test]"])) == ["test"]
+    assert memory_splits(compose_cfg(["domain=materials", "gag.train_split=dev", "domain.dev=/x.jsonl"])) == [
+        "dev", "test"]
 
 
 def test_whole_pipeline_under_ddp_with_two_processes(tmp_path) -> None:
@@ -380,7 +409,8 @@ def test_whole_pipeline_under_ddp_with_two_processes(tmp_path) -> None:
                    "sft.report_before_after=false"], timeout=420)
     out = proc.stdout + proc.stderr
     assert "rank 1: evaluation runs on rank 0 only" in out
-    assert out.count("[eval] base: 16 records") == 1 and out.count("[eval] gag: 16 records") == 1
+    for split in ("test_seen_fact", "test_kb_only"):  # each eval split once, on rank 0
+        assert out.count(f"[eval] {split}/base: 16 records") == 1 and out.count(f"[eval] {split}/gag: 16 records") == 1
     for stage in ("dapt", "sft", "memory", "gag", "eval"):
         assert (_only_folder(artifacts, stage) / "manifest.json").is_file(), stage
     assert (_only_folder(artifacts, "gag") / "adapter.safetensors").is_file()

@@ -222,10 +222,10 @@ def test_smoke_evaluates_rag_and_the_stage_runs_it_with_the_route_encoder(compos
     mem = tmp_path / "memory"
     make_bank(mem / "test", n=4, seed=1)
     cfg = compose_cfg(["experiment=smoke", "stage=eval", f"gag.memory_dir={mem}", "eval.systems=[base,rag]",
-                       "eval.rag.retriever=dense", "eval.rag.k=2", "eval.max_records=3",
+                       "eval.rag.retriever=dense", "eval.rag.k=2", "eval.max_records=3", "eval.splits=[test]",
                        "domain.answer_max_new_tokens=3"])
     results = run(cfg)
-    eval_dir = Path(results["eval"]["artifact"])
+    eval_dir = Path(results["eval"]["artifact"]) / "test"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     rag = metrics["systems"]["rag"]
     assert rag["n"] == 3 and rag["rag_k"] == 2 and rag["rag_retriever"] == "dense"

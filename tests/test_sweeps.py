@@ -54,7 +54,9 @@ def test_sweep_composes_and_every_job_config_resolves(tmp_path, sweep):
     assert params, f"sweep/{sweep}.yaml sweeps nothing"
     resolved = _resolve(cfg)
     assert resolved["sweep_name"] == sweep
-    assert resolved["run_stages"][-3:] == ["gag", "lora", "eval"]  # lora: trained only if eval.systems has it
+    stages = resolved["run_stages"]
+    assert stages[-1] == "eval" and "gag" in stages
+    assert ("lora" in stages) == ("lora" in resolved["eval"]["systems"])  # rag_k evaluates base and rag only
     for name in resolved["run_stages"]:
         assert name in resolved, f"no config node for stage '{name}'"
     choices = {key: [v.strip() for v in str(values).split(",")] for key, values in params.items()}
@@ -114,7 +116,7 @@ def test_paper_experiments_carry_reference_setup(tmp_path, experiment):
 def _small_domain(tmp_path: Path) -> list[str]:
     """The demo domain cut down (same texts, fewer records) so the two-job sweep takes seconds."""
     demo = ROOT / "data" / "demo"
-    sizes = {"knowledge_base": 40, "train": 24, "test": 6}
+    sizes = {"knowledge_base": 40, "train": 24, "test": 6, "test_seen_fact": 3, "test_kb_only": 3}
     out = []
     for name, n in sizes.items():
         lines = (demo / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
@@ -147,7 +149,9 @@ def test_two_job_sweep_shares_upstream_artifacts_and_summarizes(tmp_path, capsys
     for job, slots in zip(jobs, ("2", "4"), strict=True):
         results = json.loads((job / "results.json").read_text())
         assert f"memory.compression.slots={slots}" in results["overrides"] and results["sweep_name"] == "slots"
-        assert results["stages"]["eval"]["eval/gag/bertscore_f1"] is not None
+        for split in ("test_seen_fact", "test_kb_only"):  # the demo's eval splits, each with its own metrics
+            assert results["stages"]["eval"][f"eval/{split}/gag/bertscore_f1"] is not None
+            assert results["stages"]["eval"][f"eval/{split}/gag/n"] == 3
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) >= 2, "gag and eval leave offline wandb runs"
         # run names tell the jobs apart on a dashboard: job number and swept value
@@ -164,9 +168,11 @@ def test_two_job_sweep_shares_upstream_artifacts_and_summarizes(tmp_path, capsys
     assert summarize([str(sweep_dir)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| job")]
-    assert len(rows) == 2 and rows[0].startswith("| 0 | 2 |") and rows[1].startswith("| 1 | 4 |")
+    assert len(rows) == 4 and [r[:10] for r in rows] == ["| 0 | 2 | ", "| 1 | 4 | "] * 2  # a table per split
+    assert printed.index("Eval split test_seen_fact") < printed.index("Eval split test_kb_only")
     assert (sweep_dir / "summary.md").is_file() and (sweep_dir / "summary.png").stat().st_size > 0
-    assert "gag-base" in (sweep_dir / "summary.md").read_text()
+    text = (sweep_dir / "summary.md").read_text()
+    assert "gag-base" in text and "## Eval split `test_seen_fact`" in text and "## Eval split `test_kb_only`" in text
 
 
 def test_summarize_reads_results_log_fallback_and_failed_jobs(tmp_path, capsys):
@@ -193,6 +199,7 @@ def test_summarize_reads_results_log_fallback_and_failed_jobs(tmp_path, capsys):
 
     summary = collect(root)
     assert summary.swept == ["gag.adapter.projector"] and summary.systems == ["base", "gag"]
+    assert summary.splits == ["test"]  # pre-split keys eval/<system>/<metric>: the old default eval split
     assert [j.status for j in summary.jobs] == ["ok", "ok (from log)", "no results (failed or unfinished)"]
     assert main([str(root)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
@@ -227,18 +234,26 @@ def test_summarize_puts_fact_acc_first_and_pools_seeds(tmp_path, capsys):
         job = root / str(num)
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- gag.adapter.projector={projector}\n- seed={seed}\n")
-        metrics = {"eval/base/fact_acc": base, "eval/base/fact_acc_lo": base - 0.1, "eval/base/fact_acc_hi": base + 0.1,
-                   "eval/gag/fact_acc": gag, "eval/gag/fact_acc_lo": gag - 0.1, "eval/gag/fact_acc_hi": gag + 0.1,
-                   "eval/base/gag_minus_fact_acc": gag - base, "eval/base/gag_minus_fact_acc_lo": gag - base - 0.05,
-                   "eval/base/gag_minus_fact_acc_hi": gag - base + 0.05,
-                   "eval/base/bertscore_f1": 0.9, "eval/gag/bertscore_f1": 0.8}
+        metrics = {}
+        for split, shift in (("seen", 0.0), ("kb", -0.3)):  # a second split, gag 0.3 lower there
+            metrics.update({
+                f"eval/{split}/base/fact_acc": base, f"eval/{split}/base/fact_acc_lo": base - 0.1,
+                f"eval/{split}/base/fact_acc_hi": base + 0.1, f"eval/{split}/gag/fact_acc": gag + shift,
+                f"eval/{split}/gag/fact_acc_lo": gag + shift - 0.1, f"eval/{split}/gag/fact_acc_hi": gag + shift + 0.1,
+                f"eval/{split}/base/gag_minus_fact_acc": gag + shift - base,
+                f"eval/{split}/base/gag_minus_fact_acc_lo": gag + shift - base - 0.05,
+                f"eval/{split}/base/gag_minus_fact_acc_hi": gag + shift - base + 0.05,
+                f"eval/{split}/base/bertscore_f1": 0.9, f"eval/{split}/gag/bertscore_f1": 0.8})
         (job / "results.json").write_text(json.dumps({"stages": {"eval": {"artifact": "x", **metrics}}}))
 
     summary = collect(root)
     assert summary.swept == ["gag.adapter.projector", "seed"] and summary.metrics == ["fact_acc", "bertscore_f1"]
+    assert summary.splits == ["seen", "kb"]
     assert [[r["seed"] for r in rows] for _, rows in seed_groups(summary)] == [["1", "2"], ["1", "2"]]
     assert main([str(root), "--no-plot"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    printed = capsys.readouterr().out
+    seen, kb = printed.split("Eval split kb:")
+    lines = [line for line in seen.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| job | projector | seed | fact_acc base [95% CI] | fact_acc gag [95% CI] | "
                                "fact_acc gag-base | BERTScore F1 base |")
     assert lines[1].startswith("| 0 | a | 1 | 50.0 [40.0, 60.0] | 70.0 [60.0, 80.0] | +20.0 [+15.0, +25.0] | 90.00 |")
@@ -246,7 +261,13 @@ def test_summarize_puts_fact_acc_first_and_pools_seeds(tmp_path, capsys):
     # projector a: base 0.50, 0.40 -> 45.0 ± 7.1; gag 0.70, 0.80 -> 75.0 ± 7.1; gag-base 0.20, 0.40 -> +30.0 ± 14.1
     assert pooled[0] == "| a | 1, 2 | 45.0 ± 7.1 | 75.0 ± 7.1 | +30.0 ± 14.1 | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 ± 0.0 |"
     assert pooled[1].startswith("| b | 1, 2 | 50.0 ± 7.1 | 62.5 ± 3.5 | +12.5 ± 3.5 |")
-    assert "## Across seeds" in (root / "summary.md").read_text()
+    kb_lines = [line for line in kb.splitlines() if line.startswith("| ")]
+    assert kb_lines[1].startswith("| 0 | a | 1 | 50.0 [40.0, 60.0] | 40.0 [30.0, 50.0] | -10.0 [-15.0, -5.0] |")
+    assert "| b | 1, 2 | 50.0 ± 7.1 | 32.5 ± 3.5 | -17.5 ± 3.5 |" in kb
+    text = (root / "summary.md").read_text()
+    assert "### Across seeds on `seen`" in text and "### Across seeds on `kb`" in text
+    csv_rows = (root / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("job,split,") and len(csv_rows) == 1 + 2 * 4
     assert mean_std([0.2, None, 0.4]) == (pytest.approx(0.3), pytest.approx(0.02 ** 0.5), 2)
     assert mean_std([None]) == (None, None, 0) and mean_std([0.5]) == (0.5, None, 1)
     # seeds that are not repeated within a group: no pooled table

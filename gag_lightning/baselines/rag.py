@@ -53,8 +53,18 @@ def retrieve_for_items(retriever: Retriever, passages: Sequence[str], items: Seq
                         passages=dict(zip(ids, texts, strict=True)), recall_at_k=recall, seconds=seconds)
 
 
-def rag_retrieval(cfg: Any, items: Sequence[Any], device: str = "cpu") -> RagRetrieval:
-    """Build the configured retriever (``eval.rag``) over ``domain.knowledge_base`` and retrieve for ``items``.
+@dataclass
+class RagIndex:
+    """The configured retriever over the knowledge base, built once and queried for every eval split."""
+
+    retriever: Retriever
+    passages: list[str]
+    k: int
+    settings: dict[str, Any]
+
+
+def build_rag_index(cfg: Any, device: str = "cpu") -> RagIndex:
+    """Build the configured retriever (``eval.rag``) over ``domain.knowledge_base``.
 
     The dense retriever embeds with ``model.encoders.router``, the encoder prototype routing uses.
     """
@@ -74,15 +84,23 @@ def rag_retrieval(cfg: Any, items: Sequence[Any], device: str = "cpu") -> RagRet
         encoder = load_router_encoder(cfg.model.encoders.router, cfg.paths.cache_dir, device=device,
                                       dtype=str(_select(cfg, "router.dtype", "float32")))
     retriever = build_retriever(kind, passages, encoder=encoder)
-    build_seconds = time.perf_counter() - start
-    result = retrieve_for_items(retriever, passages, items, int(node.k))
-    result.settings = {"knowledge_base": str(kb_path), "num_passages": len(passages),
-                       "index_seconds": round(build_seconds, 3), "retrieve_seconds": round(result.seconds, 3),
-                       "encoder": getattr(encoder, "fingerprint", None)}
-    log.info("[eval] rag: %s top-%d over %d passages; recall@%d %s (index %.1fs, retrieval %.1fs)", kind,
-             result.k, len(passages), result.k,
+    settings = {"knowledge_base": str(kb_path), "num_passages": len(passages),
+                "index_seconds": round(time.perf_counter() - start, 3),
+                "encoder": getattr(encoder, "fingerprint", None)}
+    return RagIndex(retriever, list(passages), int(node.k), settings)
+
+
+def rag_retrieval(cfg: Any, items: Sequence[Any], device: str = "cpu", index: RagIndex | None = None,
+                  label: str = "") -> RagRetrieval:
+    """Retrieve for ``items`` with ``index`` (built from ``cfg`` when not given)."""
+    if index is None:
+        index = build_rag_index(cfg, device)
+    result = retrieve_for_items(index.retriever, index.passages, items, index.k)
+    result.settings = {**index.settings, "retrieve_seconds": round(result.seconds, 3)}
+    log.info("[eval] rag%s: %s top-%d over %d passages; recall@%d %s (index %.1fs, retrieval %.1fs)",
+             f"[{label}]" if label else "", result.retriever, result.k, len(index.passages), result.k,
              "n/a (no gold answers)" if result.recall_at_k is None else f"{100 * result.recall_at_k:.2f}",
-             build_seconds, result.seconds)
+             index.settings["index_seconds"], result.seconds)
     return result
 
 
@@ -92,4 +110,4 @@ def _select(cfg: Any, key: str, default: Any) -> Any:
     return OmegaConf.select(cfg, key, default=default) if OmegaConf.is_config(cfg) else default
 
 
-__all__ = ["RagRetrieval", "rag_retrieval", "retrieve_for_items"]
+__all__ = ["RagIndex", "RagRetrieval", "build_rag_index", "rag_retrieval", "retrieve_for_items"]

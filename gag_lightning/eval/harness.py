@@ -424,8 +424,24 @@ def write_outputs(out_dir: str | Path, result: EvalResult, title: str = "") -> d
     return paths
 
 
+def write_split_outputs(out_dir: str | Path, results: Mapping[str, EvalResult],
+                        titles: Mapping[str, str]) -> dict[str, Path]:
+    """The top of a multi-split evaluation: report.md (every split's report in turn, each under its title) and
+    metrics.json ``{split: {systems, settings}}``; each split's own files are ``write_outputs(out_dir / split)``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md"}
+    atomic_write_text(paths["metrics"], json.dumps(
+        {split: {"systems": r.summary, "settings": r.settings} for split, r in results.items()},
+        indent=2, ensure_ascii=False))
+    atomic_write_text(paths["report"], "\n".join(markdown_report(r.summary, titles.get(split, split))
+                                                 for split, r in results.items()))
+    return paths
+
+
 def flat_metrics(summary: Mapping[str, Mapping[str, Any]], prefix: str = "eval") -> dict[str, float]:
-    """``eval/<system>/<metric>`` scalars for the loggers, fact_acc first.
+    """``<prefix>/<system>/<metric>`` scalars for the loggers, fact_acc first (the eval stage's prefix is
+    ``eval/<split>``).
 
     ``fact_acc`` comes with ``fact_acc_lo`` / ``fact_acc_hi`` (its 95% CI) and, for systems compared with gag,
     ``gag_minus_fact_acc`` (+ ``_lo`` / ``_hi``). A metric that is n/a (None) is left out, never logged as 0.
@@ -465,4 +481,5 @@ __all__ = [
     "print_report",
     "report_rows",
     "write_outputs",
+    "write_split_outputs",
 ]

@@ -1,7 +1,8 @@
-"""Evaluation runner: all systems on the test split's memory bank, one run, one decoding path."""
+"""Evaluation runner: all systems on every eval split's memory bank, one run, one decoding path."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from typing import Any
@@ -13,7 +14,7 @@ from gag_lightning.artifacts import read_manifest, write_manifest
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.memory.bank import MemoryBank
-from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
+from gag_lightning.pipeline.keys import artifact_dir, container, eval_splits, stage_key
 from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,33 @@ def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
+def _log_progress(split: str, n_records: int, system: str) -> None:
+    log.info("[eval] %s/%s: %d records", split, system, n_records)
+
+
+def split_title(cfg: DictConfig, split: str, n_records: int) -> str:
+    """The heading of a split's report and table: model / domain / split (N records)."""
+    return f"{cfg.model.name} / {cfg.domain.name} / {split} ({n_records} records)"
+
+
+def _print_manifest_reports(manifest: dict[str, Any], cfg: DictConfig) -> None:
+    """Every split's table from a finished artifact's manifest (the `skipping` path)."""
+    from gag_lightning.eval.harness import print_report
+
+    summary, settings = manifest.get("summary") or {}, manifest.get("settings") or {}
+    for split in manifest.get("splits") or []:
+        if summary.get(split):
+            n = (settings.get(split) or {}).get("num_records", 0)
+            print_report(summary[split], split_title(cfg, split, n))
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Every system on every eval split (`eval.splits`, by default `domain.eval_splits`), models loaded once.
+
+    Writes `<artifact>/<split>/{predictions.jsonl, metrics.json, report.md}`, then `<artifact>/report.md` (the
+    splits' reports in turn) and `<artifact>/metrics.json` ({split: {systems, settings}}); logs and returns the
+    flat metrics `eval/<split>/<system>/<metric>`.
+    """
     from gag_lightning.data.gag import check_bank_against_adapter
     from gag_lightning.eval.harness import (
         SYSTEMS,
@@ -82,6 +109,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         items_from_metas,
         print_report,
         write_outputs,
+        write_split_outputs,
     )
     from gag_lightning.models.adapter import load_adapter
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
@@ -96,18 +124,19 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         log.info("[eval] rank %d: evaluation runs on rank 0 only", rank)
         return {"artifact": str(out_dir), "rank_skipped": rank}
     manifest = read_manifest(out_dir)
-    title = f"{cfg.model.name} / {cfg.domain.name} / {node.split}"
     if manifest is not None:
         log.info("[eval] artifact already complete for this configuration: %s (skipping)", out_dir)
-        if manifest.get("summary"):
-            print_report(manifest["summary"], title)
+        _print_manifest_reports(manifest, cfg)
         return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
+    splits = eval_splits(cfg)
+    if not splits:
+        raise GAGError("eval.splits is empty; name at least one QA split of the domain (domain.eval_splits)")
     systems = list(node.systems)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise GAGError(f"unknown eval system(s) {unknown}; choose from {list(SYSTEMS)}")
     needs_gag = any(s in ("gag", "gag_shuffled") for s in systems)
-    bank_dir = memory_bank_dir(cfg, str(node.split), cfg.gag.get("memory_dir"))
+    bank_dirs = {split: memory_bank_dir(cfg, split, cfg.gag.get("memory_dir")) for split in splits}
     adapter_dir = gag_adapter_dir(cfg, node.get("adapter")) if needs_gag else None
     lora_dir = None
     if "lora" in systems:
@@ -118,20 +147,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         shutil.rmtree(out_dir)
     device = eval_device(cfg)
 
-    bank = MemoryBank.open(bank_dir)
-    metas = bank.metas()
-    memories = bank.memories(dtype=None)
-    if node.get("max_records"):
-        metas, memories = metas[: int(node.max_records)], memories[: int(node.max_records)]
-    items = items_from_metas(metas, cfg.domain.instruction)
-
+    # ---- what every split shares: the base (+ adapter, LoRA, expert), the scorers, the RAG index
     base, tokenizer, gag_id, base_dir = load_base(cfg)
     base.to(device)
     adapter = None
     if needs_gag:
         adapter = load_adapter(adapter_dir, device=device)
         adapter.eval()
-        check_bank_against_adapter(bank, adapter.config)
         have, want = adapter.config.base_model, base_identity(base_dir)
         if have and have != want:
             raise SchemaMismatchError(f"adapter {adapter_dir} was trained on base {have}, this run's base is {want}; "
@@ -147,46 +169,64 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         expert_dir = sft_expert_path(cfg)
         expert_tok = load_tokenizer(expert_dir)
         expert = load_causal_lm(expert_dir, cfg.hardware.get("base_dtype", "float32")).to(device).eval()
-
-    retrieval = None
+    rag_index = None
     if "rag" in systems:
-        from gag_lightning.baselines.rag import rag_retrieval
+        from gag_lightning.baselines.rag import build_rag_index, rag_retrieval
 
-        retrieval = rag_retrieval(cfg, items, device=str(device))
-
-    harness = EvalHarness(base, tokenizer, decoding_config(cfg), adapter=adapter, gag_token_id=gag_id,
-                          memories=memories, request_text=cfg.domain.request_text, expert=expert,
-                          expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
-                          enable_thinking=bool(node.get("enable_thinking", False)),
-                          retrieved=retrieval.passages if retrieval else None,
-                          retrieval_summary=retrieval.summary() if retrieval else None, lora=lora)
+        rag_index = build_rag_index(cfg, device=str(device))
     scorers = build_scorers(cfg, device)
-    result = harness.run(items, systems, scorers,
-                         progress=lambda s: log.info("[eval] %s: %d records", s, len(items)))
-    result.settings.update(bank=str(bank_dir), adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
-                           bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
-                           bertscore_layer=scorers["bertscore_f1"].num_layers)
-    if retrieval is not None:
-        result.settings["rag"].update(retrieval.settings, passage_ids=retrieval.passage_ids)
-    if lora_dir is not None:
-        result.settings.update(lora=str(lora_dir), lora_bytes=lora_bytes(lora_dir))
-    paths = write_outputs(out_dir, result, title)
-    metrics = flat_metrics(result.summary)
+
+    # ---- each split: its bank, the same harness settings, its own outputs
+    results, titles, paths, metrics = {}, {}, {}, {}
+    for split in splits:
+        bank = MemoryBank.open(bank_dirs[split])
+        if adapter is not None:
+            check_bank_against_adapter(bank, adapter.config)
+        metas = bank.metas()
+        memories = bank.memories(dtype=None)
+        if node.get("max_records"):
+            metas, memories = metas[: int(node.max_records)], memories[: int(node.max_records)]
+        items = items_from_metas(metas, cfg.domain.instruction)
+        retrieval = rag_retrieval(cfg, items, index=rag_index, label=split) if rag_index is not None else None
+        harness = EvalHarness(base, tokenizer, decoding_config(cfg), adapter=adapter, gag_token_id=gag_id,
+                              memories=memories, request_text=cfg.domain.request_text, expert=expert,
+                              expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
+                              enable_thinking=bool(node.get("enable_thinking", False)),
+                              retrieved=retrieval.passages if retrieval else None,
+                              retrieval_summary=retrieval.summary() if retrieval else None, lora=lora)
+        result = harness.run(items, systems, scorers, progress=functools.partial(_log_progress, split, len(items)))
+        result.settings.update(split=split, bank=str(bank_dirs[split]),
+                               adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
+                               bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
+                               bertscore_layer=scorers["bertscore_f1"].num_layers)
+        if retrieval is not None:
+            result.settings["rag"].update(retrieval.settings, passage_ids=retrieval.passage_ids)
+        if lora_dir is not None:
+            result.settings.update(lora=str(lora_dir), lora_bytes=lora_bytes(lora_dir))
+        results[split], titles[split] = result, split_title(cfg, split, len(items))
+        paths[split] = write_outputs(out_dir / split, result, titles[split])
+        metrics.update(flat_metrics(result.summary, prefix=f"eval/{split}"))
+    top = write_split_outputs(out_dir, results, titles)
+
     loggers = make_loggers(cfg, "eval")
     for logger in loggers:
         logger.log_metrics(metrics, step=0)
     finish_loggers(loggers)
-    print_report(result.summary, title)
+    for split in splits:
+        print_report(results[split].summary, titles[split])
+    outputs = {**{k: str(v) for k, v in top.items()},
+               "splits": {split: {k: str(v) for k, v in p.items()} for split, p in paths.items()}}
     write_manifest(out_dir, "eval", config=stage_key(cfg, "eval"),
-                   inputs={"bank": str(bank_dir), "adapter": str(adapter_dir) if adapter_dir else None,
+                   inputs={"banks": {split: str(d) for split, d in bank_dirs.items()},
+                           "adapter": str(adapter_dir) if adapter_dir else None,
                            "base": str(base_dir), "lora": str(lora_dir) if lora_dir else None,
-                           "knowledge_base": str(cfg.domain.knowledge_base) if retrieval else None},
+                           "knowledge_base": str(cfg.domain.knowledge_base) if rag_index else None},
                    metrics=metrics,
-                   extra={"summary": result.summary, "settings": result.settings,
-                          "outputs": {k: str(v) for k, v in paths.items()}, "run_dir": str(cfg.paths.output_dir),
-                          "stage_config": container(node)})
-    log.info("[eval] done: %s", paths["report"])
+                   extra={"splits": splits, "summary": {split: r.summary for split, r in results.items()},
+                          "settings": {split: r.settings for split, r in results.items()}, "outputs": outputs,
+                          "run_dir": str(cfg.paths.output_dir), "stage_config": container(node)})
+    log.info("[eval] done: %s", top["report"])
     return {"artifact": str(out_dir), **metrics}
 
 
-__all__ = ["build_scorers", "decoding_config", "eval_device", "fit_chunk_size", "run_eval"]
+__all__ = ["build_scorers", "decoding_config", "eval_device", "fit_chunk_size", "run_eval", "split_title"]

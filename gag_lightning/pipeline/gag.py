@@ -25,7 +25,7 @@ from gag_lightning.models.adapter import (
     load_adapter,
 )
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
+from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ def memory_bank_dir(cfg: DictConfig, split: str, override: str | None = None) ->
     folder = memory_root(cfg, override) / split
     if not (folder / "schema.json").is_file():
         raise MissingArtifactError(
-            f"the memory artifact has no bank for split '{split}' ({folder}); add it to memory.splits "
-            f"(currently {list(cfg.memory.splits)}) and rerun the memory stage"
+            f"the memory artifact has no bank for split '{split}' ({folder}); the memory stage builds "
+            f"{memory_splits(cfg)} (memory.splits, or gag.train_split + domain.eval_splits): add it there and rerun "
+            "the memory stage"
         )
     return folder
 

@@ -61,6 +61,44 @@ def container(node: Any) -> Any:
     return node
 
 
+def _names(node: Any) -> list[str]:
+    """A split list from config: one name or a list of names, each once, in order."""
+    if node is None:
+        return []
+    names = [node] if isinstance(node, str) else list(node)
+    return list(dict.fromkeys(str(n) for n in names))
+
+
+def domain_eval_splits(cfg: DictConfig) -> list[str]:
+    """`domain.eval_splits`: the QA splits the domain is evaluated on (`[test]` when a preset names none)."""
+    return _names(cfg.domain.get("eval_splits")) or ["test"]
+
+
+def eval_splits(cfg: DictConfig) -> list[str]:
+    """The splits the eval stage evaluates: a legacy `eval.split` name, else `eval.splits` (by default the
+    domain's `eval_splits`)."""
+    node = cfg.get("eval")
+    if node is not None and node.get("split"):
+        return [str(node.split)]
+    if node is not None and node.get("splits") is not None:
+        return _names(node.splits)
+    return domain_eval_splits(cfg)
+
+
+def memory_splits(cfg: DictConfig) -> list[str]:
+    """The QA splits the memory stage builds a bank for: `memory.splits` when it is given, else gag's train
+    split, the domain's eval splits, and gag's val split when Stage III validates on it (`gag.val_source=test`),
+    each once in that order. The memory runner and the artifact keys both read this."""
+    given = cfg.memory.get("splits")
+    if given is not None:
+        return _names(given)
+    gag = cfg.get("gag")
+    splits = [str(gag.get("train_split", "train")) if gag is not None else "train", *domain_eval_splits(cfg)]
+    if gag is not None and str(gag.get("val_source", "split")) == "test":
+        splits.append(str(gag.get("val_split", "test")))
+    return list(dict.fromkeys(splits))
+
+
 # memory-stage keys that set throughput or resume granularity, not the tokens or tensors produced
 _MEMORY_RUNTIME_KEYS = {"batch_size", "shard_size", "progress"}
 
@@ -96,7 +134,7 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
                    data=[file_digest(cfg.domain.train), file_digest(cfg.domain.dev)],
                    **_expert_source(cfg, cfg.sft.get("init_from")))
     elif stage == "backgrounds":
-        splits = list(cfg.memory.splits)
+        splits = memory_splits(cfg)
         key.update(data={s: file_digest(cfg.domain.get(s)) for s in splits},
                    **_expert_source(cfg, cfg.memory.get("expert", "sft")))
         if cfg.memory.get("max_records") is not None:
@@ -116,6 +154,9 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
                    instruction=cfg.domain.instruction, records=record_selection(cfg))
     elif stage == "eval":
         key.update(upstream=config_hash(stage_key(cfg, "gag")))
+        # the evaluated splits, however they were named (`eval.splits`, a legacy `eval.split`)
+        key["config"]["splits"] = eval_splits(cfg)
+        key["config"].pop("split", None)
         # eval.rag is in key["config"] with the rest of the eval node; the rag system also reads the knowledge
         # base. Without rag neither matters, and its settings leave the key (the hash stays what it was before)
         if "rag" in list(cfg.eval.get("systems") or []):

@@ -21,7 +21,7 @@ from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import MissingArtifactError, SchemaMismatchError
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, stage_key
+from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, global_rank, make_loggers
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def record_selection(cfg: DictConfig) -> dict[str, Any]:
     split = str(gag.get("train_split", "train"))
     holdout = float(gag.get("val_fraction", 0.0)) if str(gag.get("val_source", "split")) == "split" else 0.0
     return {"split": split, "data": file_digest(cfg.domain.get(split)),
-            "max_records": split_limits(cfg, list(cfg.memory.splits)).get(split),
+            "max_records": split_limits(cfg, memory_splits(cfg)).get(split),
             "holdout": holdout, "max_train_records": gag.get("max_train_records")}
 
 

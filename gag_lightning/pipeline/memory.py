@@ -34,7 +34,7 @@ from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBan
 from gag_lightning.memory.extract import CompressionConfig, MemoryJob
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.expert import sft_expert_path
-from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, stage_key
+from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
 from gag_lightning.pipeline.trainer import trainer_kwargs
 from gag_lightning.prompts import stop_token_ids
 
@@ -157,18 +157,22 @@ def memory_expert_path(cfg: DictConfig) -> Path:
 
 
 def _split_files(cfg: DictConfig) -> dict[str, Path]:
-    splits = list(cfg.memory.splits)
+    """The QA file of every split in `memory_splits(cfg)` (`memory.splits`, or gag's train split + the domain's
+    eval splits)."""
+    splits = memory_splits(cfg)
     if not splits:
-        raise GAGError("memory.splits is empty; name at least one QA split of the domain (train, test, ...)")
+        raise GAGError("memory.splits is empty; name at least one QA split of the domain (train, test, ...), or "
+                       "set it to null for gag.train_split + domain.eval_splits")
     files = {}
     for split in splits:
         path = cfg.domain.get(split)
         if path is None:
-            raise GAGError(f"memory.splits names '{split}' but domain.{split} is not set; give its QA file with "
-                           f"`domain.{split}=/path/file.jsonl` (or `+domain.{split}=...` for a new key)")
+            raise GAGError(f"the memory stage builds split '{split}' (memory splits {splits}) but domain.{split} is "
+                           f"not set; give its QA file with `domain.{split}=/path/file.jsonl` (or "
+                           f"`+domain.{split}=...` for a new key)")
         if not Path(str(path)).is_file():
             raise GAGError(f"domain.{split}={path}: no such file")
-        files[str(split)] = Path(str(path))
+        files[split] = Path(str(path))
     return files
 
 
@@ -182,7 +186,8 @@ def split_limits(cfg: DictConfig, splits: list[str]) -> dict[str, int | None]:
     elif OmegaConf.is_dict(node):
         unknown = sorted(set(node) - set(splits))
         if unknown:
-            raise GAGError(f"memory.max_records names split(s) {unknown} that are not in memory.splits={splits}")
+            raise GAGError(f"memory.max_records names split(s) {unknown} that the memory stage does not build "
+                           f"(its splits: {splits}; memory.splits, or gag.train_split + domain.eval_splits)")
         limits = {s: node.get(s) for s in splits}
     else:
         raise GAGError(f"memory.max_records={node!r}: give null, an integer, or a mapping {{split: integer}}")
@@ -292,7 +297,8 @@ def _flatten(per_split: dict[str, dict[str, Any]], prefix: str = "") -> dict[str
 
 
 def run_memory(cfg: DictConfig) -> dict[str, Any]:
-    """Backgrounds (step 1) and memory banks (step 2) for every split in `memory.splits`; resumable, skippable."""
+    """Backgrounds (step 1) and memory banks (step 2) for every split of `memory_splits(cfg)`; resumable,
+    skippable."""
     bg_root, mem_root = artifact_dir(cfg, "backgrounds"), artifact_dir(cfg, "memory")
     bg_manifest, mem_manifest = read_manifest(bg_root), read_manifest(mem_root)
     expert_path = memory_expert_path(cfg)
