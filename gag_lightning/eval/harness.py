@@ -137,6 +137,7 @@ class EvalHarness:
         retrieved: Mapping[str, Sequence[str]] | None = None,
         retrieval_summary: Mapping[str, Any] | None = None,
         lora: Any = None,
+        share_prefix: bool = True,
     ) -> None:
         self.base = base
         self.tokenizer = tokenizer
@@ -150,6 +151,9 @@ class EvalHarness:
         self.expert_tokenizer = expert_tokenizer
         self.shuffle_seed = shuffle_seed
         self.enable_thinking = enable_thinking
+        # encode the prompt prefix a batch shares (system prompt, instruction, request) once per batch: the same
+        # tokens up to float rounding, much less prefill on a CPU (generation.shared_prefix_batch)
+        self.share_prefix = share_prefix
         self.lora = lora  # a peft model wrapping `base` in place (pipeline.lora.load_lora)
         self.stop_ids = stop_token_ids(tokenizer, getattr(base, "generation_config", None))
         self.permutation: list[int] | None = None
@@ -234,7 +238,8 @@ class EvalHarness:
             stops = stop_token_ids(self.expert_tokenizer, getattr(self.expert, "generation_config", None))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
-                return generate_batched(self.expert, self.expert_tokenizer, prompts, self.decoding, stops)
+                return generate_batched(self.expert, self.expert_tokenizer, prompts, self.decoding, stops,
+                                        share_prefix=self.share_prefix)
         embed_fn = None
         if system in GAG_SYSTEMS:
             if self.adapter is None or self.memories is None or self.gag_token_id is None:
@@ -251,7 +256,7 @@ class EvalHarness:
             # intended: prompts go in as embeddings, so penalties see only new tokens, for every system alike
             warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
             return generate_batched(self.base, self.tokenizer, prompts, self.decoding, self.stop_ids,
-                                    embed_fn=embed_fn)
+                                    embed_fn=embed_fn, share_prefix=self.share_prefix)
 
     # ------------------------------------------------------------------ the whole run
     def run(self, items: Sequence[EvalItem], systems: Sequence[str], scorers: Mapping[str, Scorer],

@@ -193,7 +193,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                               expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
                               enable_thinking=bool(node.get("enable_thinking", False)),
                               retrieved=retrieval.passages if retrieval else None,
-                              retrieval_summary=retrieval.summary() if retrieval else None, lora=lora)
+                              retrieval_summary=retrieval.summary() if retrieval else None, lora=lora,
+                              share_prefix=bool(node.get("share_prefix", True)))
         result = harness.run(items, systems, scorers, progress=functools.partial(_log_progress, split, len(items)))
         result.settings.update(split=split, bank=str(bank_dirs[split]),
                                adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
