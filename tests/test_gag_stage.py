@@ -570,3 +570,21 @@ def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(
     assert set(metrics["systems"]["base"]["paired_vs_gag"]) >= {"diff", "lo", "hi"}
     assert "eval/test/gag/fact_acc" in results["eval"] and "eval/test/base/gag_minus_fact_acc" in results["eval"]
     assert "GAG minus base:" in (eval_dir / "report.md").read_text()
+
+
+def test_shared_prefix_forward_gives_the_full_forward_losses_and_gradients(bank_dir, tokenizer, base):
+    dm = make_datamodule(bank_dir, tokenizer)
+    batch = first_batch(dm)
+    gag_id = tokenizer.convert_tokens_to_ids(GAG_TOKEN)
+    results = {}
+    for share in (False, True):
+        module = GAGModule(base, make_adapter(base), gag_id, loss_weights={"nll": 1.0, "sem": 0.5, "div": 0.25},
+                           share_prefix=share)
+        prefix = module.shared_prefix_len(batch["input_ids"], batch["attention_mask"])
+        total, parts, _ = module.compute_losses(batch)
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in module.adapter.parameters() if p.grad is not None])
+        results[share] = (prefix, float(total), grads)
+    assert results[False][0] == 0 and results[True][0] > 5  # the prompt's common head is really shared
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
+    assert torch.allclose(results[True][2], results[False][2], rtol=1e-3, atol=1e-6)

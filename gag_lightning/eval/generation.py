@@ -73,7 +73,7 @@ def shared_prefix_batch(batch: Sequence[Sequence[int]], shared: int, pad_id: int
     return torch.cat([prefix, ids], dim=1), torch.cat([torch.ones_like(prefix), mask], dim=1)
 
 
-def _prefix_cache(model: Any, embeds: torch.Tensor, mask: torch.Tensor, shared: int) -> dict[str, Any]:
+def prefix_cache(model: Any, embeds: torch.Tensor, mask: torch.Tensor, shared: int) -> dict[str, Any]:
     """KV cache of the shared prefix, computed on one row and repeated for the batch, as a generate() kwarg."""
     import inspect
 
@@ -317,7 +317,7 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         ids, mask = shared_prefix_batch([prompts[i] for i in rows], shared, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         embeds = embed_fn(ids, mask, rows)
-        extra = _prefix_cache(model, embeds, mask, shared) if shared else {}
+        extra = prefix_cache(model, embeds, mask, shared) if shared else {}
         out = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs, **extra)
         out = out[:, -decoding.max_new_tokens:] if out.shape[1] > decoding.max_new_tokens else out
         for row_idx, seq in zip(rows, out.tolist(), strict=True):

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from gag_lightning.errors import GAGError
+from gag_lightning.eval.generation import prefix_cache
 from gag_lightning.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GAGAdapter, inject, save_adapter
 from gag_lightning.models.losses import (
     DEFAULT_LOSS_WEIGHTS,
@@ -87,6 +88,7 @@ class GAGModule(ShardAwareClipping):
         betas: Sequence[float] = (0.9, 0.999),
         gradient_checkpointing: bool = False,
         log_mix: bool = True,
+        share_prefix: bool = True,
     ) -> None:
         super().__init__()
         self.base = base
@@ -96,6 +98,7 @@ class GAGModule(ShardAwareClipping):
         self.save_hyperparameters(ignore=["base", "adapter"])
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.log_mix = log_mix
+        self.share_prefix = bool(share_prefix)
         if self.weights[1] > 0 and self.adapter.semantic_head is None:
             raise GAGError("loss_weights.sem > 0 needs an adapter with a semantic head (AdapterConfig.semantic_dim)")
         self.base.requires_grad_(False)
@@ -136,12 +139,43 @@ class GAGModule(ShardAwareClipping):
     strict_loading = False  # checkpoints lack the (frozen, separately loaded) base
 
     # ------------------------------------------------------------------ forward and loss
+    def shared_prefix_len(self, input_ids: Tensor, attention_mask: Tensor) -> int:
+        """Leading positions every row shares (system prompt, instruction, request): no slot, no padding.
+
+        The base is frozen and these positions precede every injected slot, so their keys and values do
+        not depend on anything trained: they are computed once per batch on one row, without a graph.
+        """
+        if not self.share_prefix or self.gradient_checkpointing or input_ids.shape[0] < 2:
+            return 0
+        same = (input_ids == input_ids[:1]).all(dim=0) & (attention_mask == 1).all(dim=0)
+        same &= ~(input_ids == self.gag_token_id).any(dim=0)
+        shared = int(torch.cumprod(same.long(), dim=0).sum())
+        return min(shared, input_ids.shape[1] - 1)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, memory: Tensor,
                 output_hidden_states: bool = False) -> tuple[Any, Tensor]:
-        """Base outputs with the memory injected, and the projected slots ``[B, S, H_b]`` (fp32)."""
+        """Base outputs with the memory injected, and the projected slots ``[B, S, H_b]`` (fp32).
+
+        With a shared prompt prefix (``shared_prefix_len``), the base runs only the positions after it on
+        top of the prefix's KV cache; logits and hidden states of the prefix positions come back as zeros
+        (they precede every answer token, so no loss reads them). Same numbers up to float rounding, about
+        half the compute on the demo's prompts.
+        """
         embeds, slots = injected_embeddings(self.base, self.adapter, input_ids, memory, self.gag_token_id)
-        out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                        output_hidden_states=output_hidden_states)
+        shared = self.shared_prefix_len(input_ids, attention_mask)
+        if not shared:
+            out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                            output_hidden_states=output_hidden_states)
+            return out, slots
+        with torch.no_grad():
+            cache = prefix_cache(self.base, embeds.detach(), attention_mask, shared)
+        out = self.base(inputs_embeds=embeds[:, shared:], attention_mask=attention_mask, use_cache=True,
+                        output_hidden_states=output_hidden_states, **cache)
+        pad = out.logits.new_zeros((out.logits.shape[0], shared, out.logits.shape[-1]))
+        out.logits = torch.cat([pad, out.logits], dim=1)
+        if output_hidden_states:
+            h = out.hidden_states[-1]
+            out.hidden_states = (*out.hidden_states[:-1], torch.cat([h.new_zeros((h.shape[0], shared, h.shape[-1])), h], 1))
         return out, slots
 
     def compute_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
