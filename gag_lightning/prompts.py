@@ -1,4 +1,4 @@
-"""Every prompt this project renders, in one place (METHOD.md sections 2, 3, 4 and 6).
+"""Every prompt this project renders, in one place (METHOD.md sections 2, 3, 4, 5b and 6).
 
 Keeping the texts and the chat-template rendering together means the expert's training prompt,
 its background prompt and the base model's injection prompt can be compared side by side, and
@@ -14,6 +14,8 @@ GAG_TOKEN = "<GAG>"
 DEFAULT_REQUEST_TEXT = "Please answer the following question based on the knowledge provided."
 GENERAL_INSTRUCTION = "You are a helpful assistant."
 GENERAL_REQUEST_TEXT = "Please answer the following question."
+# reconstruction warm-up (METHOD.md section 5b): the base regenerates the background from the slots alone
+RECON_INSTRUCTION = "Repeat the background knowledge."
 
 Messages = list[dict[str, str]]
 
@@ -54,6 +56,12 @@ def context_user_text(instruction: str, request_text: str, question: str, contex
     """Baseline: the expert's background text placed in the prompt instead of latent slots."""
     lines = [instruction, request_text, f"Question: {question}", f"Knowledge: {context}"]
     return "\n".join(lines) + "\n"
+
+
+def recon_user_text(num_slots: int, gag_token: str = GAG_TOKEN, instruction: str = RECON_INSTRUCTION) -> str:
+    """Reconstruction warm-up user turn: the fixed instruction and the S placeholders, nothing else, so the
+    only source of the background the base is asked to repeat is the injected memory."""
+    return "\n".join([instruction, "Knowledge: " + gag_token * num_slots]) + "\n"
 
 
 def plain_user_text(instruction: str, request_text: str, question: str) -> str:

@@ -361,10 +361,10 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
     calls = []
     real = harness_mod.generate_batched
 
-    def recording(model, tok, prompts, decoding, stop_ids, embed_fn=None, progress=None):
-        outs = real(model, tok, prompts, decoding, stop_ids, embed_fn=embed_fn)
+    def recording(model, tok, prompts, decoding, stop_ids, embed_fn=None, progress=None, share_prefix=False):
+        outs = real(model, tok, prompts, decoding, stop_ids, embed_fn=embed_fn, share_prefix=share_prefix)
         calls.append({"model": model, "decoding": decoding, "stop_ids": list(stop_ids), "embed": embed_fn,
-                      "prompts": prompts})
+                      "prompts": prompts, "share_prefix": share_prefix})
         outs[0] = Generation(text="  ", token_ids=[], finished=True)  # one empty answer per system
         return outs
 
@@ -505,7 +505,8 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     overrides = ["experiment=smoke", "stage=eval", f"gag.memory_dir={mem}", "gag.max_steps=2", "gag.batch_size=2",
                  "gag.val_fraction=0.34", "eval.max_records=3", "eval.splits=[test]",
                  "domain.answer_max_new_tokens=3",
-                 "eval.systems=[base,expert_context,rag,gag,gag_shuffled]", "run_stages=[gag,eval]"]
+                 "eval.systems=[base,expert_context,rag,gag,gag_shuffled]", "run_stages=[gag,eval]",
+                 f"memory.compression.slots={S}"]
     cfg = compose_cfg(overrides)
     results = run(cfg)
     gag_dir = Path(results["gag"]["artifact"])

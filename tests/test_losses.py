@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from gag_lightning.models.losses import (
+    answer_kl,
     answer_nll,
+    distillation_kl,
     diversity_loss,
     gag_loss,
     masked_mean,
@@ -123,3 +125,66 @@ def test_answer_nll_without_answer_tokens_is_zero_and_backprops() -> None:
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_distillation_kl_hand_values() -> None:
+    """tau = 2: z / tau gives the probabilities below; L = tau^2 * mean_n sum_v p_t log(p_t / p_s)."""
+    tau = 2.0
+    ln2 = math.log(2.0)
+    # row 0: teacher [1/2, 1/4, 1/4], student uniform      -> KL = 1/2 ln(3/2) + 2 * 1/4 ln(3/4) = 1/2 ln(9/8)
+    # row 1: teacher [1/2, 1/4, 1/4], student [1/4, 1/2, 1/4] -> KL = 1/2 ln 2 + 1/4 ln(1/2) = 1/4 ln 2
+    teacher = tau * torch.tensor([[ln2, 0.0, 0.0], [ln2, 0.0, 0.0]])
+    student = tau * torch.tensor([[0.0, 0.0, 0.0], [0.0, ln2, 0.0]])
+    expected = tau**2 * (0.5 * math.log(9.0 / 8.0) + 0.25 * ln2) / 2
+    assert distillation_kl(student, teacher, tau).item() == pytest.approx(expected, abs=1e-6)
+    # the direction is KL(teacher || student): swapping the roles gives another value
+    # swapped, row 0: 1/3 (ln(2/3) + 2 ln(4/3)); row 1: 1/4 ln(1/2) + 1/2 ln 2 = 1/4 ln 2
+    swapped = tau**2 * ((math.log(2.0 / 3.0) + 2 * math.log(4.0 / 3.0)) / 3 + (0.25 * ln2)) / 2
+    assert distillation_kl(teacher, student, tau).item() == pytest.approx(swapped, abs=1e-6)
+    assert distillation_kl(student, teacher, tau).item() != pytest.approx(swapped, abs=1e-3)
+    assert distillation_kl(teacher, teacher, tau).item() == pytest.approx(0.0, abs=1e-7)
+    # tau scales twice: inside the softmax and by tau^2 (tau = 1 on the same logits is another value)
+    row0 = torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[ln2, 0.0, 0.0]])
+    assert distillation_kl(*row0, temperature=1.0).item() == pytest.approx(0.5 * math.log(9.0 / 8.0), abs=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_kl(student, teacher, 0.0)
+    with pytest.raises(ValueError, match="N, V"):
+        distillation_kl(student, teacher[:1])
+
+
+def test_answer_kl_aligns_by_mask_and_ignores_other_positions() -> None:
+    """Prompts of different lengths: the masks pick the same count per row, everything else is ignored."""
+    tau, ln2 = 2.0, math.log(2.0)
+    garbage = 1e4
+    student = torch.full((2, 3, 3), garbage)
+    teacher = torch.full((2, 5, 3), -garbage)
+    student[0, 1] = tau * torch.tensor([0.0, 0.0, 0.0])
+    teacher[0, 3] = tau * torch.tensor([ln2, 0.0, 0.0])
+    student[1, 0] = tau * torch.tensor([0.0, ln2, 0.0])
+    teacher[1, 2] = tau * torch.tensor([ln2, 0.0, 0.0])
+    s_mask = torch.tensor([[0, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    t_mask = torch.tensor([[0, 0, 0, 1, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    expected = tau**2 * (0.5 * math.log(9.0 / 8.0) + 0.25 * ln2) / 2
+    assert answer_kl(student, s_mask, teacher, t_mask, tau).item() == pytest.approx(expected, abs=1e-6)
+    # no position at all: 0, finite, attached
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    leaf = student.clone().requires_grad_(True)
+    out = answer_kl(leaf, empty, teacher[:, :3], empty, tau)
+    assert out.item() == 0.0 and out.requires_grad
+    with pytest.raises(ValueError, match="numbers of answer positions"):
+        answer_kl(student, s_mask, teacher, torch.zeros(2, 5, dtype=torch.bool), tau)
+
+
+def test_kl_gradient_reaches_the_student_only() -> None:
+    student = torch.randn(4, 7, requires_grad=True)
+    teacher = torch.randn(4, 7, requires_grad=True)
+    distillation_kl(student, teacher, 1.5).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_gag_loss_adds_the_weighted_kl_term() -> None:
+    nll, kl = torch.tensor(2.0), torch.tensor(0.5)
+    total, parts = gag_loss(nll, None, None, (1.0, 0.0, 0.0), kl=kl, kl_weight=0.4)
+    assert total.item() == pytest.approx(2.2) and parts["kl"].item() == 0.5
+    total, parts = gag_loss(nll, None, None, (1.0, 0.0, 0.0))
+    assert total.item() == 2.0 and "kl" not in parts

@@ -95,7 +95,9 @@ def test_paper_experiments_carry_reference_setup(tmp_path, experiment):
     assert r["dapt"]["trainer"]["accumulate_grad_batches"] == 8
     assert r["memory"]["compression"]["slots"] == 4
     assert r["memory"]["compression"]["layer_keys"] == ["last", "minus2", "minus4", "minus6"]
-    assert r["gag"]["loss_weights"] == {"nll": 1.0, "sem": 0.01, "div": 0.001}
+    # the reference recipe: no KL self-distillation, no reconstruction warm-up (METHOD.md section 5b switches off)
+    assert r["gag"]["loss_weights"] == {"nll": 1.0, "sem": 0.01, "div": 0.001, "kl": 0.0}
+    assert r["gag"]["recon_steps"] == 0
     assert r["eval"]["decoding"]["repetition_penalty"] == 1.05
     reference = {"materials": dict(sft_lr=5e-6, sft_epochs=3, gag_lr=1e-4, steps=800, accum=4, bg=768),
                  "adjuvant": dict(sft_lr=4e-6, sft_epochs=1.5, gag_lr=5e-5, steps=1800, accum=8, bg=640)}[domain]

@@ -8,6 +8,8 @@ A training example is the base's chat-template rendering of
 with the loss on the answer and its end-of-turn token only, plus the record's memory ``[K, S, H_e]`` and
 (optionally) its precomputed semantic target. Memories stay in the bank's storage dtype (fp16) in RAM and
 are upcast per batch: the reference kept every raw per-token hidden state in RAM (METHOD.md section 8).
+With KL self-distillation on (METHOD.md section 5b) each example also carries its teacher sequence: the
+expert_context prompt (background as text on the Knowledge line) and the same answer tokens (data/distill.py).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from gag_lightning.data.distill import context_messages, teacher_batch, with_teacher
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.models.adapter import GAG_TOKEN, AdapterConfig, InjectionError
 from gag_lightning.models.losses import IGNORE_INDEX
-from gag_lightning.prompts import gag_user_text, render_completion, stop_token_ids
+from gag_lightning.prompts import Messages, gag_user_text, render_completion, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,35 @@ class GAGExample:
     num_prompt: int  # labels start here
     num_answer: int  # answer-text tokens after the prompt (the end-of-turn excluded): the semantic pooling span
     row: int  # row of the record in the split's memory tensor
+    teacher: GAGExample | None = None  # KL teacher sequence (same answer tokens); None: off, or it did not fit
+
+    @property
+    def num_completion(self) -> int:
+        """Answer (+ end-of-turn) tokens kept after the prompt."""
+        return len(self.input_ids) - self.num_prompt
+
+
+def encode_turn(
+    messages: Messages,
+    answer: str,
+    tokenizer: Any,
+    max_length: int = 2048,
+    enable_thinking: bool = False,
+    stop_ids: Sequence[int] | None = None,
+    row: int = 0,
+) -> GAGExample | None:
+    """Tokenise one user turn + assistant answer; None if the prompt alone does not fit ``max_length`` (it is
+    never cut: cutting it could drop ``<GAG>`` placeholders). A long answer is cut from the right."""
+    stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
+    prompt, completion = render_completion(tokenizer, messages, answer, enable_thinking, stops)
+    if len(prompt) >= max_length:
+        return None
+    n_answer = len(completion)
+    while n_answer > 0 and completion[n_answer - 1] in stops:
+        n_answer -= 1
+    ids = (prompt + completion)[:max_length]
+    n_completion = len(ids) - len(prompt)
+    return GAGExample(ids, len(prompt), min(n_answer, n_completion), row)
 
 
 def encode_gag(
@@ -67,20 +99,9 @@ def encode_gag(
     stop_ids: Sequence[int] | None = None,
     row: int = 0,
 ) -> GAGExample | None:
-    """Tokenise one record; None if the prompt alone does not fit ``max_length`` (it is never cut:
-    cutting it could drop ``<GAG>`` placeholders). A long answer is cut from the right."""
-    stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
-    prompt, completion = render_completion(
-        tokenizer, gag_messages(question, instruction, request_text, num_slots), answer, enable_thinking, stops
-    )
-    if len(prompt) >= max_length:
-        return None
-    n_answer = len(completion)
-    while n_answer > 0 and completion[n_answer - 1] in stops:
-        n_answer -= 1
-    ids = (prompt + completion)[:max_length]
-    n_completion = len(ids) - len(prompt)
-    return GAGExample(ids, len(prompt), min(n_answer, n_completion), row)
+    """The injection prompt + answer of one record (``encode_turn`` on ``gag_messages``)."""
+    return encode_turn(gag_messages(question, instruction, request_text, num_slots), answer, tokenizer,
+                       max_length, enable_thinking, stop_ids, row)
 
 
 class GAGDataset(Dataset):
@@ -105,10 +126,17 @@ class GAGDataset(Dataset):
 
 
 class GAGCollator:
-    """Right padding; every mask comes from lengths, never from comparing ids with the pad id."""
+    """Right padding; every mask comes from lengths, never from comparing ids with the pad id.
 
-    def __init__(self, pad_id: int) -> None:
+    ``teacher=True`` adds the KL teacher batch: ``teacher_input_ids`` / ``teacher_attention_mask`` and two
+    masks, ``kl_mask`` (student) and ``teacher_kl_mask``, marking the positions whose logits predict the
+    common answer tokens (end-of-turn included), the same number per row in both. A record whose teacher
+    prompt did not fit gets a one-token dummy teacher row and no KL positions.
+    """
+
+    def __init__(self, pad_id: int, teacher: bool = False) -> None:
         self.pad_id = int(pad_id)
+        self.teacher = teacher
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
         width = max(len(it["example"].input_ids) for it in items)
@@ -135,6 +163,8 @@ class GAGCollator:
         }
         if "semantic_target" in items[0]:
             batch["semantic_target"] = torch.stack([it["semantic_target"] for it in items]).float()
+        if self.teacher:
+            batch.update(teacher_batch([it["example"] for it in items], width, self.pad_id))
         return batch
 
 
@@ -175,7 +205,9 @@ class GAGDataModule(L.LightningDataModule):
 
     ``expect`` is checked against the bank schema on open (e.g. ``{"slots": 4, "layer_keys": [...]}``);
     ``check_adapter`` compares with an adapter config. Semantic targets are computed once in ``setup``
-    with the frozen ``semantic_encoder`` (None when the semantic loss is off).
+    with the frozen ``semantic_encoder`` (None when the semantic loss is off). ``teacher_context=True`` (KL
+    self-distillation on) also encodes each record's teacher sequence from its bank ``background``; off, the
+    batches are exactly what they were without it.
     """
 
     def __init__(
@@ -197,6 +229,7 @@ class GAGDataModule(L.LightningDataModule):
         enable_thinking: bool = False,
         semantic_encoder: Any = None,
         expect: Mapping[str, Any] | None = None,
+        teacher_context: bool = False,
     ) -> None:
         super().__init__()
         if val_source not in VAL_SOURCES:
@@ -220,9 +253,12 @@ class GAGDataModule(L.LightningDataModule):
         self.enable_thinking = enable_thinking
         self.semantic_encoder = semantic_encoder
         self.expect = dict(expect or {})
+        self.teacher_context = teacher_context
         self.bank: MemoryBank | None = None
         self.sets: dict[str, GAGDataset] = {}
+        self.positions: dict[str, list[int]] = {}  # bank rows per split: the recon warm-up reuses "train"
         self.skipped: dict[str, int] = {}
+        self.no_teacher: dict[str, int] = {}
 
     # ------------------------------------------------------------------ setup
     def open_bank(self) -> MemoryBank:
@@ -253,15 +289,22 @@ class GAGDataModule(L.LightningDataModule):
         gag_id = self._gag_token_id()
         slots = bank.schema.slots
         examples: list[GAGExample] = []
-        skipped = 0
+        skipped = no_teacher = 0
         for row, pos in enumerate(positions):
             meta = metas[pos]
-            ex = encode_gag(meta["question"], meta["answer"], self.tokenizer,
-                            record_instruction(meta, self.instruction), self.request_text, slots,
+            instruction = record_instruction(meta, self.instruction)
+            ex = encode_gag(meta["question"], meta["answer"], self.tokenizer, instruction, self.request_text, slots,
                             self.max_length, self.enable_thinking, stops, row=row)
             if ex is None:
                 skipped += 1
                 continue
+            if self.teacher_context:
+                messages = context_messages(meta["question"], instruction, self.request_text,
+                                            str(meta.get("background") or ""))
+                teacher = encode_turn(messages, meta["answer"], self.tokenizer, self.max_length,
+                                      self.enable_thinking, stops, row=row)
+                no_teacher += teacher is None
+                ex = with_teacher(ex, teacher, str(meta.get("id", pos)))
             found = sum(1 for t in ex.input_ids[: ex.num_prompt] if t == gag_id)
             if found != slots:
                 raise InjectionError(
@@ -273,6 +316,10 @@ class GAGDataModule(L.LightningDataModule):
             log.warning("%s: %d record(s) skipped: prompt longer than max_length=%d", split, skipped,
                         self.max_length)
         self.skipped[split] = skipped
+        if no_teacher:
+            log.warning("%s: %d record(s) without KL teacher (expert_context prompt longer than max_length=%d)",
+                        split, no_teacher, self.max_length)
+        self.no_teacher[split] = no_teacher
         sel = torch.tensor(positions, dtype=torch.long)
         memories = all_memories[sel] if positions else all_memories[:0]
         targets = None
@@ -307,8 +354,10 @@ class GAGDataModule(L.LightningDataModule):
         if self.max_val_records:
             val_pos = val_pos[: self.max_val_records]
         self.sets["train"] = self._build("train", train_bank, train_pos)
+        self.positions["train"] = train_pos
         if val_bank is not None and val_pos:
             self.sets["val"] = self._build("val", val_bank, val_pos)
+            self.positions["val"] = val_pos
         if not len(self.sets["train"]):
             raise GAGError(f"no trainable record in {self.train_bank_path} (all longer than max_length)")
         log.info("GAG data: %s", {k: len(v) for k, v in self.sets.items()})
@@ -319,7 +368,7 @@ class GAGDataModule(L.LightningDataModule):
         if pad is None:
             pad = self.tokenizer.eos_token_id
         return DataLoader(self.sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=GAGCollator(pad))
+                          collate_fn=GAGCollator(pad, teacher=self.teacher_context))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)
@@ -335,6 +384,7 @@ __all__ = [
     "GAGExample",
     "check_bank_against_adapter",
     "encode_gag",
+    "encode_turn",
     "gag_messages",
     "record_instruction",
     "split_positions",

@@ -1,4 +1,5 @@
-"""Stage III losses (METHOD.md section 4): answer NLL + semantic alignment + slot diversity.
+"""Stage III losses (METHOD.md section 4): answer NLL + semantic alignment + slot diversity, and the optional
+KL self-distillation term of section 5b.
 
 Everything is computed in fp32: the base may run in bf16, but averaging thousands of bf16 log-probs or
 hidden states in bf16 loses several digits, and these scalars drive the only trainable weights.
@@ -55,16 +56,59 @@ def diversity_loss(slots: Tensor) -> Tensor:
     return per_record.mean()
 
 
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``tau^2 * mean_n KL(softmax(z_t[n] / tau) || softmax(z_s[n] / tau))`` over aligned rows ``[N, V]``.
+
+    The forward KL from the teacher keeps the student's mass wherever the teacher (the base reading the
+    background as text) puts mass; ``tau^2`` keeps the gradient scale independent of ``tau`` (Hinton et al.).
+    Computed in fp32; no rows gives 0 (still attached to the graph), like ``answer_nll``.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits "
+                         "must both be [N, V]")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape[0] == 0:
+        return student_logits.float().sum()
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_row = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    return temperature**2 * per_row.mean()
+
+
+def answer_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """``logits [B, T, V]`` at the positions where ``mask [B, T]`` is true -> ``[N, V]``, row-major order.
+
+    Two sequences whose masks hold the same number of positions per row (the student's and the teacher's
+    answer-predicting positions) give aligned rows, although their prompts differ in length.
+    """
+    if logits.shape[:2] != mask.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}")
+    return logits[mask.to(device=logits.device, dtype=torch.bool)]
+
+
+def answer_kl(student_logits: Tensor, student_mask: Tensor, teacher_logits: Tensor, teacher_mask: Tensor,
+              temperature: float = 1.0) -> Tensor:
+    """``distillation_kl`` between the student's and the teacher's answer positions (one mask each)."""
+    if not torch.equal(student_mask.sum(1).cpu(), teacher_mask.sum(1).cpu()):
+        raise ValueError("student and teacher masks select different numbers of answer positions per row")
+    return distillation_kl(answer_logits(student_logits, student_mask), answer_logits(teacher_logits, teacher_mask),
+                           temperature)
+
+
 def gag_loss(
     nll: Tensor,
     sem: Tensor | None,
     div: Tensor | None,
     weights: tuple[float, float, float] = DEFAULT_LOSS_WEIGHTS,
+    kl: Tensor | None = None,
+    kl_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted total ``a_nll*nll + a_sem*sem + a_div*div`` and the detached parts for logging.
+    """Weighted total ``a_nll*nll + a_sem*sem + a_div*div (+ a_kl*kl)`` and the detached parts for logging.
 
-    ``sem``/``div`` may be ``None`` (no semantic head / S == 1) and then contribute nothing. The parts are
-    the unweighted per-step values: never multiplied by a gradient-accumulation factor (METHOD.md 8).
+    ``sem``/``div``/``kl`` may be ``None`` (no semantic head / S == 1 / no distillation) and then contribute
+    nothing. The parts are the unweighted per-step values: never multiplied by a gradient-accumulation factor
+    (METHOD.md 8).
     """
     a_nll, a_sem, a_div = weights
     total = a_nll * nll
@@ -75,6 +119,9 @@ def gag_loss(
     if div is not None:
         total = total + a_div * div
         parts["div"] = div.detach()
+    if kl is not None:
+        total = total + kl_weight * kl
+        parts["kl"] = kl.detach()
     parts["total"] = total.detach()
     return total, parts
 
@@ -104,7 +151,10 @@ def answer_nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tenso
 __all__ = [
     "DEFAULT_LOSS_WEIGHTS",
     "IGNORE_INDEX",
+    "answer_kl",
+    "answer_logits",
     "answer_nll",
+    "distillation_kl",
     "diversity_loss",
     "gag_loss",
     "masked_mean",

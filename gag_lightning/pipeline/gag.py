@@ -2,6 +2,12 @@
 
 The artifact is the adapter alone (a few MB of safetensors + JSON naming the base and the memory
 schema) in ``artifact_dir(cfg, "gag")``; the base is never copied.
+
+Recipe switches (METHOD.md section 5b, off by default): ``gag.loss_weights.kl`` > 0 adds KL self-distillation
+from the base reading the background as text (``gag.kl_temperature``); ``gag.recon_steps`` > 0 runs that many
+optimizer steps of reconstruction warm-up as a first fit (own optimizer and schedule: same lr and warmup
+ratio, linear decay over the recon steps) before the QA fit, whose schedule covers ``gag.max_steps`` as
+configured.
 """
 
 from __future__ import annotations
@@ -130,10 +136,33 @@ def _resume_adapter(path: str, config: AdapterConfig) -> GAGAdapter:
 
 
 # ---------------------------------------------------------------------------------------------- stage
+def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[Any]) -> tuple[Any, Any]:
+    """(trainer, datamodule) of the reconstruction warm-up on the QA fit's training records, or (None, None)."""
+    from gag_lightning.data.recon import ReconDataModule
+
+    node = cfg.gag
+    steps = int(node.get("recon_steps", 0) or 0)
+    if steps <= 0:
+        return None, None
+    recon_dm = ReconDataModule(datamodule.open_bank(), tokenizer, positions=datamodule.positions["train"],
+                               max_length=int(node.max_length), batch_size=int(node.batch_size),
+                               num_workers=int(node.get("num_workers", 0)),
+                               enable_thinking=bool(node.get("enable_thinking", False)))
+    recon_dm.setup("fit")
+    trainer = build_trainer(cfg, "gag", [], loggers, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
+    return trainer, recon_dm
+
+
 def run_gag(cfg: DictConfig) -> dict[str, Any]:
     from gag_lightning.data.gag import GAGDataModule
     from gag_lightning.models.encoders import SemanticTargetEncoder
-    from gag_lightning.stages.gag import AdapterCheckpoint, GAGModule, loss_weights_tuple
+    from gag_lightning.stages.gag import (
+        AdapterCheckpoint,
+        GAGModule,
+        fit_with_recon,
+        kl_weight,
+        loss_weights_tuple,
+    )
 
     node = cfg.gag
     out_dir = artifact_dir(cfg, "gag")
@@ -149,7 +178,9 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         shutil.rmtree(out_dir)
 
     base, tokenizer, gag_id, base_dir = load_base(cfg)
-    weights = loss_weights_tuple(container(node.loss_weights))
+    weight_map = container(node.loss_weights)
+    weights = loss_weights_tuple(weight_map)
+    distill = kl_weight(weight_map) > 0
     encoder = None
     if weights[1] > 0:
         spec = cfg.model.encoders.semantic
@@ -161,7 +192,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         eval_batch_size=int(node.get("eval_batch_size", 8)), num_workers=int(node.get("num_workers", 0)),
         seed=cfg.seed, max_train_records=node.get("max_train_records"),
         max_val_records=node.get("max_val_records"), enable_thinking=bool(node.get("enable_thinking", False)),
-        semantic_encoder=encoder, expect=expected_schema(cfg),
+        semantic_encoder=encoder, expect=expected_schema(cfg), teacher_context=distill,
     )
     schema = datamodule.schema
     # seeded here, after every model load: building a cached tiny model re-seeds the global RNG
@@ -183,9 +214,10 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     del encoder
     datamodule.semantic_encoder = None  # targets are precomputed; free the encoder
 
-    module = GAGModule(base, adapter, gag_id, loss_weights=weights, lr=float(node.lr),
+    module = GAGModule(base, adapter, gag_id, loss_weights=weight_map, lr=float(node.lr),
                        warmup_ratio=float(node.warmup_ratio), weight_decay=float(node.weight_decay),
-                       gradient_checkpointing=bool(node.get("gradient_checkpointing", False)))
+                       gradient_checkpointing=bool(node.get("gradient_checkpointing", False)),
+                       kl_temperature=float(node.get("kl_temperature", 1.0)))
     has_val = "val" in datamodule.sets
     keep = str(node.get("checkpoint", "best")) if has_val else "last"
     ckpt = AdapterCheckpoint(out_dir, monitor="val/loss", keep=keep)
@@ -198,10 +230,14 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     else:
         overrides.update(limit_val_batches=0)
     trainer = build_trainer(cfg, "gag", [ckpt], loggers, **overrides)
+    recon_trainer, recon_dm = _recon_fit(cfg, datamodule, tokenizer, loggers)
     # the frozen base is in eval mode on purpose (GAGModule.train keeps it there)
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    trainer.fit(module, datamodule=datamodule)
+    fit_with_recon(module, trainer, datamodule, recon_trainer, recon_dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if recon_trainer is not None:
+        metrics.update({k: float(v) for k, v in recon_trainer.callback_metrics.items() if v.numel() == 1},
+                       recon_steps=recon_trainer.global_step, recon_records=len(recon_dm.dataset))
     if has_val and ckpt.last_validated_step != trainer.global_step:
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({k: float(v) for k, v in final.items()})

@@ -110,6 +110,17 @@ def _node(cfg: DictConfig, stage: str) -> dict[str, Any]:
     return _strip(container(cfg[stage]))
 
 
+def _drop_recipe_switches_when_off(node: dict[str, Any]) -> None:
+    """The METHOD.md 5b switches leave the gag key while off (kl weight 0, no recon steps), so adding them kept
+    every earlier adapter's hash; switched on, they and their settings are in it like any other gag key."""
+    weights = node.get("loss_weights")
+    if isinstance(weights, dict) and not float(weights.get("kl", 0.0) or 0.0):
+        weights.pop("kl", None)
+        node.pop("kl_temperature", None)
+    if not int(node.get("recon_steps", 0) or 0):
+        node.pop("recon_steps", None)
+
+
 def _expert_source(cfg: DictConfig, init: Any) -> dict[str, Any]:
     """Key part naming the expert weights: an upstream artifact's hash, the preset's model, or a path."""
     if init in ("dapt", "sft"):
@@ -147,6 +158,7 @@ def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
         key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=container(cfg.model.base),
                    upstream=config_hash(stage_key(cfg, "memory")), request_text=cfg.domain.request_text,
                    instruction=cfg.domain.instruction)
+        _drop_recipe_switches_when_off(key["config"])
     elif stage == "lora":
         from gag_lightning.pipeline.lora import record_selection
 

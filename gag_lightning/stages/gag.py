@@ -4,6 +4,10 @@ The base is reached only through ``inputs_embeds``: its embedding output is comp
 S ``<GAG>`` positions are overwritten by the adapter's projected memory slots. The base is frozen
 (``requires_grad=False``, eval mode, any dtype) and gradients flow *through* it to the slots; only the
 adapter (layer mix, projector, semantic head) trains, in fp32.
+
+Two recipe switches of METHOD.md section 5b, both off by default: KL self-distillation (``kl_weight > 0``:
+the same frozen base reading the background as text is the teacher of the injected student) and the
+reconstruction warm-up (``phase = "recon"`` for a first, separate ``trainer.fit``; see ``fit_with_recon``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from gag_lightning.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GAGAda
 from gag_lightning.models.losses import (
     DEFAULT_LOSS_WEIGHTS,
     IGNORE_INDEX,
+    answer_kl,
     answer_nll,
     diversity_loss,
     gag_loss,
@@ -37,7 +43,7 @@ from gag_lightning.stages.clipping import ShardAwareClipping
 
 log = logging.getLogger(__name__)
 
-LOSS_PARTS = ("loss", "nll", "sem", "div")
+LOSS_PARTS = ("loss", "nll", "sem", "div", "kl")
 
 
 def injected_embeddings(base: Any, adapter: GAGAdapter, input_ids: Tensor, memory: Tensor,
@@ -52,15 +58,15 @@ def injected_embeddings(base: Any, adapter: GAGAdapter, input_ids: Tensor, memor
 
 
 def loss_weights_tuple(weights: Mapping[str, float] | Sequence[float] | None) -> tuple[float, float, float]:
-    """``{"nll", "sem", "div"}`` (or a 3-sequence) -> ``(a_nll, a_sem, a_div)``."""
+    """``{"nll", "sem", "div"[, "kl"]}`` (or a 3-sequence) -> ``(a_nll, a_sem, a_div)``; ``kl_weight`` reads kl."""
     if weights is None:
         return DEFAULT_LOSS_WEIGHTS
     if isinstance(weights, Mapping):
-        unknown = set(weights) - {"nll", "sem", "div"}
+        unknown = set(weights) - {"nll", "sem", "div", "kl"}
         if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; expected nll, sem, div")
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; expected nll, sem, div, kl")
         d = dict(zip(("nll", "sem", "div"), DEFAULT_LOSS_WEIGHTS, strict=True))
-        d.update({k: float(v) for k, v in weights.items()})
+        d.update({k: float(v) for k, v in weights.items() if k != "kl"})
         return d["nll"], d["sem"], d["div"]
     values = tuple(float(w) for w in weights)
     if len(values) != 3:
@@ -68,12 +74,19 @@ def loss_weights_tuple(weights: Mapping[str, float] | Sequence[float] | None) ->
     return values  # type: ignore[return-value]
 
 
-class GAGModule(ShardAwareClipping):
-    """Frozen base + trainable ``GAGAdapter``; loss = a_nll NLL + a_sem L_sem + a_div L_div.
+def kl_weight(weights: Mapping[str, float] | Sequence[float] | None) -> float:
+    """``a_kl`` of a loss-weight mapping (0 when absent: the distillation term is off by default)."""
+    return float(weights.get("kl", 0.0)) if isinstance(weights, Mapping) else 0.0
 
-    A weight of 0 skips its term (no hidden states are kept when a_sem = 0); NLL is still computed for
-    logging when a_nll = 0, but without a graph. Every logged value is a mean over the micro-batches of
-    one optimizer step, never multiplied by the accumulation factor (METHOD.md section 8).
+
+class GAGModule(ShardAwareClipping):
+    """Frozen base + trainable ``GAGAdapter``; loss = a_nll NLL + a_sem L_sem + a_div L_div (+ a_kl L_kl).
+
+    A weight of 0 skips its term (no hidden states are kept when a_sem = 0, no teacher forward when
+    a_kl = 0); NLL is still computed for logging when a_nll = 0, but without a graph. Every logged value is
+    a mean over the micro-batches of one optimizer step, never multiplied by the accumulation factor
+    (METHOD.md section 8). In the ``recon`` phase the loss is the NLL of the background alone (logged as
+    ``train/recon_nll``).
     """
 
     def __init__(
@@ -89,12 +102,18 @@ class GAGModule(ShardAwareClipping):
         gradient_checkpointing: bool = False,
         log_mix: bool = True,
         share_prefix: bool = True,
+        kl_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.base = base
         self.adapter = adapter.float()
         self.gag_token_id = int(gag_token_id)
         self.weights = loss_weights_tuple(loss_weights)
+        self.kl_weight = kl_weight(loss_weights)
+        self.kl_temperature = float(kl_temperature)
+        if self.kl_temperature <= 0:
+            raise GAGError(f"gag.kl_temperature must be > 0, got {kl_temperature}")
+        self.phase = "qa"
         self.save_hyperparameters(ignore=["base", "adapter"])
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.log_mix = log_mix
@@ -178,12 +197,24 @@ class GAGModule(ShardAwareClipping):
             out.hidden_states = (*out.hidden_states[:-1], torch.cat([h.new_zeros((h.shape[0], shared, h.shape[-1])), h], 1))
         return out, slots
 
+    def teacher_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The KL teacher's logits ``[B, T_t, V]``: the frozen base on the expert_context prompt, no graph."""
+        if "teacher_input_ids" not in batch:
+            raise GAGError("loss_weights.kl > 0 but the batch has no teacher sequence (GAGDataModule(teacher_context="
+                           "True) builds it from the bank's backgrounds)")
+        with torch.no_grad():
+            return self.base(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                             use_cache=False).logits
+
     def compute_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
         """(weighted total, unweighted detached parts incl. ``loss``, number of answer tokens)."""
+        if self.phase == "recon":
+            return self._recon_losses(batch)
         a_nll, a_sem, a_div = self.weights
         use_sem = a_sem > 0
         out, slots = self(batch["input_ids"], batch["attention_mask"], batch["memory"],
                           output_hidden_states=use_sem)
+        teacher = self.teacher_logits(batch) if self.kl_weight > 0 else None
         labels = batch["labels"]
         # the losses in fp32 even under mixed precision: autocast would run bmm / matmul in bf16, which
         # rounds a slot cosine of 0.998 to 1.0 and blurs the semantic cosine
@@ -198,10 +229,37 @@ class GAGModule(ShardAwareClipping):
                 pooled = masked_mean(out.hidden_states[-1], batch["answer_mask"])
                 sem = semantic_loss(self.adapter.semantic(pooled), batch["semantic_target"])
             div = diversity_loss(slots.float()) if a_div > 0 else None
-            total, parts = gag_loss(nll, sem, div, self.weights)
+            kl = None
+            if teacher is not None:
+                kl = answer_kl(out.logits, batch["kl_mask"], teacher, batch["teacher_kl_mask"], self.kl_temperature)
+            total, parts = gag_loss(nll, sem, div, self.weights, kl=kl, kl_weight=self.kl_weight)
         parts = {"loss": parts.pop("total"), **parts}
         n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total, parts, n_tokens
+
+    def _recon_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
+        """Reconstruction warm-up: NLL of the background given only the slots (no auxiliary term)."""
+        out, slots = self(batch["input_ids"], batch["attention_mask"], batch["memory"])
+        with torch.autocast(device_type=slots.device.type, enabled=False):
+            nll = answer_nll(out.logits, batch["labels"])
+        return nll, {"recon_nll": nll.detach()}, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    @contextmanager
+    def recon_phase(self) -> Iterator[GAGModule]:
+        """Within: the recon objective, and the semantic head frozen (it has no term there; under DDP an
+        unused trainable parameter would fail the gradient reduction). Restored on exit."""
+        head = self.adapter.semantic_head
+        flags = [p.requires_grad for p in head.parameters()] if head is not None else []
+        if head is not None:
+            head.requires_grad_(False)
+        self.phase = "recon"
+        try:
+            yield self
+        finally:
+            self.phase = "qa"
+            if head is not None:
+                for p, flag in zip(head.parameters(), flags, strict=True):
+                    p.requires_grad_(flag)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
@@ -228,7 +286,7 @@ class GAGModule(ShardAwareClipping):
         self._window = {}
         for name, value in means.items():
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "train/loss", batch_size=1)
-        if self.log_mix:
+        if self.log_mix and self.phase == "qa":  # the recon fit logs train/recon_nll only: its steps restart at 0
             self.log_dict(self.mix_metrics(), on_step=True, on_epoch=False, batch_size=1)
 
     def mix_metrics(self) -> dict[str, float]:
@@ -241,8 +299,10 @@ class GAGModule(ShardAwareClipping):
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         _, parts, n_tokens = self.compute_losses(batch)
         bsz = int(batch["input_ids"].shape[0])
+        n_kl = int(batch["kl_mask"].sum()) if "kl_mask" in batch else 0
         for name, value in parts.items():
-            weight = n_tokens if name == "nll" else bsz  # token-weighted NLL, like the training mean
+            # token-weighted NLL and KL, like their training means
+            weight = n_tokens if name == "nll" else n_kl if name == "kl" else bsz
             self.val_metrics[name].update(value, max(weight, 1))
             self.log(f"val/{name}", self.val_metrics[name], on_step=False, on_epoch=True,
                      prog_bar=name == "loss", batch_size=bsz)
@@ -264,6 +324,24 @@ class GAGModule(ShardAwareClipping):
                 f"the adapter must train in fp32 but holds {sorted(map(str, dtypes))}; use a mixed precision "
                 "(e.g. bf16-mixed), not a 'true' half precision, for the gag stage"
             )
+
+
+def fit_with_recon(module: GAGModule, trainer: L.Trainer, datamodule: L.LightningDataModule,
+                   recon_trainer: L.Trainer | None = None,
+                   recon_datamodule: L.LightningDataModule | None = None) -> None:
+    """The reconstruction warm-up as a first fit of its own (when given), then the QA fit, on one adapter.
+
+    Two fits rather than one loader switching at ``global_step == recon_steps``: each fit gets its own
+    optimizer and LR schedule, so the QA fit's warm-up and linear decay cover exactly ``gag.max_steps`` as
+    configured, and the QA trainer's step count, validation cadence and best-adapter selection never see a
+    recon step (the recon steps are ``recon_trainer``'s ``max_steps``; its schedule is its own).
+    """
+    if recon_trainer is not None:
+        if recon_datamodule is None:
+            raise GAGError("a recon trainer needs its recon datamodule")
+        with module.recon_phase():
+            recon_trainer.fit(module, datamodule=recon_datamodule)
+    trainer.fit(module, datamodule=datamodule)
 
 
 class AdapterCheckpoint(L.Callback):
@@ -329,4 +407,5 @@ class AdapterCheckpoint(L.Callback):
         return False
 
 
-__all__ = ["AdapterCheckpoint", "GAGModule", "injected_embeddings", "loss_weights_tuple"]
+__all__ = ["AdapterCheckpoint", "GAGModule", "fit_with_recon", "injected_embeddings", "kl_weight",
+           "loss_weights_tuple"]
