@@ -154,7 +154,9 @@ def test_schema_mismatch_is_refused(bank_dir, tokenizer, base):
 def test_forward_places_projected_slots_in_order_and_checks_the_count(bank_dir, tokenizer, base):
     dm = make_datamodule(bank_dir, tokenizer)
     batch = first_batch(dm)
-    module = GAGModule(base, make_adapter(base), tokenizer.convert_tokens_to_ids(GAG_TOKEN))
+    # share_prefix=False: the hook below reads the full-sequence embeddings (the shared-prefix path feeds the
+    # base only the positions after the prefix; its equivalence is tested separately)
+    module = GAGModule(base, make_adapter(base), tokenizer.convert_tokens_to_ids(GAG_TOKEN), share_prefix=False)
     seen = {}
     base.register_forward_pre_hook(lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
     module(batch["input_ids"], batch["attention_mask"], batch["memory"])
@@ -506,7 +508,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
                  "gag.val_fraction=0.34", "eval.max_records=3", "eval.splits=[test]",
                  "domain.answer_max_new_tokens=3",
                  "eval.systems=[base,expert_context,rag,gag,gag_shuffled]", "run_stages=[gag,eval]",
-                 f"memory.compression.slots={S}"]
+                 f"memory.compression.slots={S}", "domain.budget.gag.init=random"]  # a synthetic bank: no expert
     cfg = compose_cfg(overrides)
     results = run(cfg)
     gag_dir = Path(results["gag"]["artifact"])

@@ -322,9 +322,9 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
     assert {k: v for k, v in manifest["metrics"].items() if k.endswith("/records")} == {
         f"{split}/records": n for split, n in sizes.items()}
     for split, n in sizes.items():
-        bank = MemoryBank.open(memory / split, expect={"layer_keys": list(KEYS), "slots": 4, "hidden_size": 64})
+        bank = MemoryBank.open(memory / split, expect={"layer_keys": list(KEYS), "slots": 16, "hidden_size": 64})  # the demo preset's S
         assert len(bank) == n and bank.schema.dtype == "float16"
-        assert bank.memories().shape == (n, 4, 4, 64)
+        assert bank.memories().shape == (n, 4, 16, 64)
     for path in single.rglob("*"):  # no pickle anywhere in the artifacts
         if path.is_file():
             assert path.suffix not in {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}, path
