@@ -43,3 +43,32 @@ def tiny_expert_dir() -> Path:
 
     cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
     return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
+
+
+# the tiny base with <GAG> added: the frozen model of the Stage III and recipe tests
+@pytest.fixture(scope="module")
+def base_dir() -> Path:
+    from gag_lightning.models.loading import resolve_path
+
+    cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
+    return resolve_path(cfg.model.base, cfg.paths.cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    from gag_lightning.models.adapter import add_gag_token
+    from gag_lightning.models.loading import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
+    add_gag_token(tok)
+    return tok
+
+
+@pytest.fixture
+def base(base_dir, tokenizer):
+    from gag_lightning.models.adapter import ensure_embedding_size
+    from gag_lightning.models.loading import load_causal_lm
+
+    model = load_causal_lm(base_dir, "float32")
+    ensure_embedding_size(model, tokenizer)
+    return model

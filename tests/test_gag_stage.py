@@ -30,9 +30,8 @@ from gag_lightning.models.adapter import (
     load_adapter,
     save_adapter,
 )
-from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.stages.gag import GAGModule
-from tests.conftest import ROOT, compose
 
 LAYER_KEYS = ["last", "minus2", "minus4", "minus6"]
 K, S, H_E, H_SEM = 4, 4, 64, 32
@@ -47,26 +46,6 @@ RECORDS = [
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def base_dir() -> Path:
-    cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
-    return resolve_path(cfg.model.base, cfg.paths.cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base_dir):
-    tok = load_tokenizer(base_dir)
-    add_gag_token(tok)
-    return tok
-
-
-@pytest.fixture
-def base(base_dir, tokenizer):
-    model = load_causal_lm(base_dir, "float32")
-    ensure_embedding_size(model, tokenizer)
-    return model
-
-
 def make_bank(folder: Path, n: int = len(RECORDS), seed: int = 0, slots: int = S) -> Path:
     schema = MemorySchema(expert_fingerprint="synthetic", layer_keys=LAYER_KEYS, slots=slots, hidden_size=H_E,
                           dtype="float32")

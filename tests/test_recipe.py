@@ -17,36 +17,14 @@ import torch
 
 from gag_lightning.data.gag import GAGCollator, GAGDataModule
 from gag_lightning.data.recon import ReconDataModule
-from gag_lightning.models.adapter import GAG_TOKEN, add_gag_token, ensure_embedding_size
-from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.models.adapter import GAG_TOKEN
 from gag_lightning.prompts import RECON_INSTRUCTION, context_user_text, render_prompt
 from gag_lightning.stages.gag import GAGModule, fit_with_recon
-from tests.conftest import ROOT, compose
 from tests.test_gag_stage import RECORDS, FixedTargets, make_adapter, make_bank
 
 S = 4
 INSTRUCTION = "You are an expert."
 REQUEST = "Please answer the following question based on the knowledge provided."
-
-
-@pytest.fixture(scope="module")
-def base_dir() -> Path:
-    cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
-    return resolve_path(cfg.model.base, cfg.paths.cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base_dir):
-    tok = load_tokenizer(base_dir)
-    add_gag_token(tok)
-    return tok
-
-
-@pytest.fixture
-def base(base_dir, tokenizer):
-    model = load_causal_lm(base_dir, "float32")
-    ensure_embedding_size(model, tokenizer)
-    return model
 
 
 @pytest.fixture(scope="module")

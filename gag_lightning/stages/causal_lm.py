@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from gag_lightning.errors import GAGError
 from gag_lightning.models.losses import answer_nll
 from gag_lightning.stages.clipping import ShardAwareClipping
 
@@ -28,6 +30,28 @@ def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw_with_warmup(module: L.LightningModule, params: Any, weight_decay: float | None = None) -> dict[str, Any]:
+    """AdamW over ``params`` (tensors or param groups) + the linear warmup/decay schedule, stepped per optimizer
+    step over the trainer's whole run: the one optimizer setup of every stage (hparams lr, betas, warmup_ratio)."""
+    hp = module.hparams
+    kwargs = {} if weight_decay is None else {"weight_decay": weight_decay}
+    optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), **kwargs)
+    total = int(module.trainer.estimated_stepping_batches)
+    scheduler = linear_warmup_schedule(optimizer, math.ceil(hp.warmup_ratio * total), total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def require_fp32(params: Any, what: str, stage: str) -> None:
+    """Refuse trainable weights that are not fp32 masters (a 'true' half precision loses small updates).
+
+    ``what`` names the weights with its verb, e.g. "the adapter must train in fp32 but holds".
+    """
+    dtypes = {p.dtype for p in params}
+    if dtypes != {torch.float32}:
+        raise GAGError(f"{what} {sorted(map(str, dtypes))}; use a mixed precision (e.g. bf16-mixed), not a 'true' "
+                       f"half precision, for the {stage} stage")
 
 
 class CausalLMModule(ShardAwareClipping):
@@ -78,11 +102,6 @@ class CausalLMModule(ShardAwareClipping):
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        scheduler = linear_warmup_schedule(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(
+            self, [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                   {"params": no_decay, "weight_decay": 0.0}])

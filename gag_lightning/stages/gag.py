@@ -38,7 +38,7 @@ from gag_lightning.models.losses import (
     masked_mean,
     semantic_loss,
 )
-from gag_lightning.stages.causal_lm import linear_warmup_schedule
+from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
 from gag_lightning.stages.clipping import ShardAwareClipping
 
 log = logging.getLogger(__name__)
@@ -310,20 +310,10 @@ class GAGModule(ShardAwareClipping):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.adapter.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                      betas=tuple(self.hparams.betas))
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        scheduler = linear_warmup_schedule(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(self, params, weight_decay=self.hparams.weight_decay)
 
     def on_fit_start(self) -> None:
-        dtypes = {p.dtype for p in self.adapter.parameters()}
-        if dtypes != {torch.float32}:
-            raise GAGError(
-                f"the adapter must train in fp32 but holds {sorted(map(str, dtypes))}; use a mixed precision "
-                "(e.g. bf16-mixed), not a 'true' half precision, for the gag stage"
-            )
+        require_fp32(self.adapter.parameters(), "the adapter must train in fp32 but holds", "gag")
 
 
 def fit_with_recon(module: GAGModule, trainer: L.Trainer, datamodule: L.LightningDataModule,

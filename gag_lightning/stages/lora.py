@@ -9,7 +9,6 @@ Only ``lora_`` weights train, in fp32; the base's own tensors are never updated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from gag_lightning.errors import GAGError
 from gag_lightning.models.losses import answer_nll
-from gag_lightning.stages.causal_lm import linear_warmup_schedule
+from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
 from gag_lightning.stages.clipping import ShardAwareClipping
 
 
@@ -74,18 +73,10 @@ class LoRAModule(ShardAwareClipping):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                      betas=tuple(self.hparams.betas))
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        scheduler = linear_warmup_schedule(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(self, params, weight_decay=self.hparams.weight_decay)
 
     def on_fit_start(self) -> None:
-        dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}
-        if dtypes != {torch.float32}:
-            raise GAGError(f"the LoRA weights must train in fp32 but hold {sorted(map(str, dtypes))}; use a mixed "
-                           "precision (e.g. bf16-mixed), not a 'true' half precision, for the lora stage")
+        require_fp32([p for p in self.model.parameters() if p.requires_grad], "the LoRA weights must train in fp32 but hold", "lora")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A Lightning checkpoint, if anyone enables one, holds the LoRA weights only, never the base."""
