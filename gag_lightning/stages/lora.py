@@ -17,6 +17,7 @@ from torch import Tensor
 
 from gag_lightning.errors import GAGError
 from gag_lightning.models.losses import answer_nll
+from gag_lightning.models.shared_prefix import causal_lm_logits
 from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
 from gag_lightning.stages.clipping import ShardAwareClipping
 
@@ -29,8 +30,10 @@ class LoRAModule(ShardAwareClipping):
     """A ``peft`` LoRA model (the base wrapped by ``get_peft_model``): training step and optimizer only."""
 
     def __init__(self, model: Any, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
-                 betas: Sequence[float] = (0.9, 0.999), gradient_checkpointing: bool = False) -> None:
+                 betas: Sequence[float] = (0.9, 0.999), gradient_checkpointing: bool = False,
+                 share_prefix: bool = True) -> None:
         super().__init__()
+        self.share_prefix = bool(share_prefix) and not gradient_checkpointing
         names = trainable_names(model)
         if not names or any("lora_" not in n for n in names):
             others = [n for n in names if "lora_" not in n][:5]
@@ -51,9 +54,10 @@ class LoRAModule(ShardAwareClipping):
         self._last_logged_step = -1
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        with torch.autocast(device_type=out.logits.device.type, enabled=False):
-            loss = answer_nll(out.logits, batch["labels"])
+        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  self.share_prefix)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = answer_nll(logits, batch["labels"])
         self._window.append(loss.detach())
         return loss
 
