@@ -1,7 +1,8 @@
 """Stage III runner: memory bank + frozen base -> injection adapter (METHOD.md section 4).
 
-The artifact is the adapter alone (a few MB of safetensors + JSON naming the base and the memory
-schema) in ``artifact_dir(cfg, "gag")``; the base is never copied.
+The artifact is the adapter alone (a few MB of safetensors + JSON naming the base, the memory schema, the
+slot placeholder) in ``artifact_dir(cfg, "gag")``; the base is never copied, and never
+changed: no token is added to its tokenizer, no row to its embeddings (``load_base``).
 
 Recipe switches (METHOD.md section 5b, off by default): ``gag.loss_weights.kl`` > 0 adds KL self-distillation
 from the base reading the background as text (``gag.kl_temperature``); ``gag.recon_steps`` > 0 runs that many
@@ -23,16 +24,11 @@ from omegaconf import DictConfig
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
-from gag_lightning.models.adapter import (
-    AdapterConfig,
-    GAGAdapter,
-    add_gag_token,
-    ensure_embedding_size,
-    load_adapter,
-)
+from gag_lightning.models.adapter import AdapterConfig, GAGAdapter, load_adapter
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
+from gag_lightning.prompts import Placeholder, choose_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +81,24 @@ def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in folder.glob(pattern))
 
 
-def load_base(cfg: DictConfig) -> tuple[Any, Any, int, Path]:
-    """(frozen base in hardware.base_dtype, tokenizer with <GAG>, <GAG> id, base directory)."""
+def load_base(cfg: DictConfig) -> tuple[Any, Any, Placeholder, Path]:
+    """(frozen base in hardware.base_dtype, its tokenizer, the slot placeholder, base directory).
+
+    The published base as it is: nothing is added to the tokenizer and the embeddings are never resized (a new
+    row would also be a new random row of a tied output head). The memory slots are marked by the placeholder
+    of ``prompts.choose_placeholder`` (a spare special token of the tokenizer, or a mark outside the vocabulary).
+    """
     base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
     tokenizer = load_tokenizer(base_dir)
-    gag_id = add_gag_token(tokenizer)
     base = load_causal_lm(base_dir, cfg.hardware.get("base_dtype", "float32"))
-    ensure_embedding_size(base, tokenizer)
     base.requires_grad_(False)
     base.eval()
-    return base, tokenizer, gag_id, base_dir
+    return base, tokenizer, choose_placeholder(tokenizer), base_dir
 
 
-def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, semantic_dim: int | None) -> AdapterConfig:
+
+def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, semantic_dim: int | None,
+                    placeholder: Placeholder) -> AdapterConfig:
     node = cfg.gag.adapter
     return AdapterConfig(
         expert_hidden=schema.hidden_size,
@@ -113,6 +114,7 @@ def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, sem
         slot_dropout=float(node.get("slot_dropout", 0.0)),
         base_model=base_identity(base_dir),
         memory_schema=schema.to_dict(),
+        placeholder=placeholder.to_dict(),
     )
 
 
@@ -132,6 +134,7 @@ def _resume_adapter(path: str, config: AdapterConfig) -> GAGAdapter:
     if have.base_model and config.base_model and have.base_model != config.base_model:
         log.warning("init adapter was trained on base %s, this run uses %s", have.base_model, config.base_model)
     have.base_model, have.memory_schema = config.base_model, config.memory_schema
+    have.placeholder = config.placeholder
     return adapter
 
 
@@ -147,7 +150,8 @@ def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[A
     recon_dm = ReconDataModule(datamodule.open_bank(), tokenizer, positions=datamodule.positions["train"],
                                max_length=int(node.max_length), batch_size=int(node.batch_size),
                                num_workers=int(node.get("num_workers", 0)),
-                               enable_thinking=bool(node.get("enable_thinking", False)))
+                               enable_thinking=bool(node.get("enable_thinking", False)),
+                               placeholder_id=datamodule.placeholder_id)
     recon_dm.setup("fit")
     trainer = build_trainer(cfg, "gag", [], loggers, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     return trainer, recon_dm
@@ -177,7 +181,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     if out_dir.exists():  # an interrupted earlier attempt (no manifest): nothing in it is trusted
         shutil.rmtree(out_dir)
 
-    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base, tokenizer, placeholder, base_dir = load_base(cfg)
     weight_map = container(node.loss_weights)
     weights = loss_weights_tuple(weight_map)
     distill = kl_weight(weight_map) > 0
@@ -193,11 +197,12 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed, max_train_records=node.get("max_train_records"),
         max_val_records=node.get("max_val_records"), enable_thinking=bool(node.get("enable_thinking", False)),
         semantic_encoder=encoder, expect=expected_schema(cfg), teacher_context=distill,
+        placeholder_id=placeholder.id,
     )
     schema = datamodule.schema
     # seeded here, after every model load: building a cached tiny model re-seeds the global RNG
     L.seed_everything(cfg.seed, workers=True)
-    config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None)
+    config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None, placeholder)
     init = node.get("init_adapter")
     adapter = _resume_adapter(str(init), config) if init else GAGAdapter(config)
     init_mode = str(node.get("init", "random"))
@@ -214,7 +219,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     del encoder
     datamodule.semantic_encoder = None  # targets are precomputed; free the encoder
 
-    module = GAGModule(base, adapter, gag_id, loss_weights=weight_map, lr=float(node.lr),
+    module = GAGModule(base, adapter, placeholder.id, loss_weights=weight_map, lr=float(node.lr),
                        warmup_ratio=float(node.warmup_ratio), weight_decay=float(node.weight_decay),
                        gradient_checkpointing=bool(node.get("gradient_checkpointing", False)),
                        kl_temperature=float(node.get("kl_temperature", 1.0)))

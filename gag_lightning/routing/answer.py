@@ -29,7 +29,7 @@ from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
 from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
 from gag_lightning.memory.extract import CompressionConfig, extract_memories
-from gag_lightning.models.adapter import load_adapter
+from gag_lightning.models.adapter import adapter_placeholder, load_adapter
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.prompts import GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, stop_token_ids
 
@@ -107,7 +107,7 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     if len(questions) != len(routes):
         raise GAGError(f"{len(questions)} questions but {len(routes)} routes")
     device = _device(cfg)
-    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base, tokenizer, placeholder, _ = load_base(cfg)
     base.to(device).eval()
     decoding = decoding_config(cfg)
     by_route: dict[str, list[int]] = defaultdict(list)
@@ -119,9 +119,10 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     for route, rows in by_route.items():
         qs = [questions[i] for i in rows]
         if route == general:
-            harness = EvalHarness(base, tokenizer, decoding, base_request_text=GENERAL_REQUEST_TEXT)
-            items = [EvalItem(id=str(i), question=q, reference="", instruction=GENERAL_INSTRUCTION)
-                     for i, q in zip(rows, qs, strict=True)]
+            # the base's placeholder id only for decoding: every route suppresses a placeholder token alike
+            harness = EvalHarness(base, tokenizer, decoding, gag_token_id=placeholder.id,
+                                  base_request_text=GENERAL_REQUEST_TEXT, instruction=GENERAL_INSTRUCTION)
+            items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
             gens = harness.generate("base", items)
         else:
             expert_dir, adapter_dir, instruction = _domain_artifacts(cfg, route)
@@ -130,10 +131,10 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
                               .eval(), load_tokenizer(expert_dir), load_adapter(adapter_dir, device=device).eval(),
                               instruction)
             memories, texts = build_memories(path, qs, cfg)
-            harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter, gag_token_id=gag_id,
-                                  memories=memories, request_text=str(cfg.domain.request_text))
-            items = [EvalItem(id=str(i), question=q, reference="", instruction=instruction)
-                     for i, q in zip(rows, qs, strict=True)]
+            harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter,
+                                  gag_token_id=adapter_placeholder(path.adapter.config, tokenizer).id,
+                                  memories=memories, request_text=str(cfg.domain.request_text), instruction=instruction)
+            items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
             gens = harness.generate("gag", items)
             for i, text in zip(rows, texts, strict=True):
                 backgrounds[i] = text
