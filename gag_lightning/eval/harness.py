@@ -387,9 +387,11 @@ def paired_lines(summary: Mapping[str, Mapping[str, Any]], reference: str = "gag
     return lines
 
 
-def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
+def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "", notes: Sequence[str] = ()) -> str:
+    """The results table and its legend; ``notes`` (e.g. an adapter selected on the test split) come first."""
     header, rows = report_rows(summary)
     lines = [f"# {title}", ""] if title else []
+    lines += [line for note in notes for line in (f"> **Warning:** {note}", "")]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -442,7 +444,7 @@ def write_outputs(out_dir: str | Path, result: EvalResult, title: str = "") -> d
     atomic_write_text(paths["predictions"], "\n".join(lines) + "\n")
     atomic_write_text(paths["metrics"], json.dumps({"systems": result.summary, "settings": result.settings},
                                                    indent=2, ensure_ascii=False))
-    atomic_write_text(paths["report"], markdown_report(result.summary, title))
+    atomic_write_text(paths["report"], markdown_report(result.summary, title, result.settings.get("notes", ())))
     return paths
 
 
@@ -456,7 +458,8 @@ def write_split_outputs(out_dir: str | Path, results: Mapping[str, EvalResult],
     atomic_write_text(paths["metrics"], json.dumps(
         {split: {"systems": r.summary, "settings": r.settings} for split, r in results.items()},
         indent=2, ensure_ascii=False))
-    atomic_write_text(paths["report"], "\n".join(markdown_report(r.summary, titles.get(split, split))
+    atomic_write_text(paths["report"], "\n".join(markdown_report(r.summary, titles.get(split, split),
+                                                                 r.settings.get("notes", ()))
                                                  for split, r in results.items()))
     return paths
 

@@ -183,7 +183,8 @@ class AdapterConfig:
 
     ``base_model`` and ``memory_schema`` are not used for computation: they let a later stage refuse an
     adapter trained for another base model or on memories built with other settings. ``placeholder``
-    (``Placeholder.to_dict``) is how training marked the slot positions, reused by evaluation and routing.
+    (``Placeholder.to_dict``) is how training marked the slot positions, reused by evaluation and routing;
+    ``selection`` says which split chose the saved adapter (``val_source``, ``val_split``).
     """
 
     expert_hidden: int
@@ -200,10 +201,12 @@ class AdapterConfig:
     base_model: str | None = None
     memory_schema: dict[str, Any] = field(default_factory=dict)
     placeholder: dict[str, Any] | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_keys = list(self.layer_keys)
         self.memory_schema = dict(self.memory_schema or {})
+        self.selection = dict(self.selection or {})
         if self.layer_keys and len(self.layer_keys) != self.layers:
             raise ValueError(f"{len(self.layer_keys)} layer_keys given for layers={self.layers}")
         if self.fusion not in FUSION_MODES:
@@ -364,7 +367,7 @@ def load_adapter(folder: str | Path, device: str | torch.device | None = None) -
 
 
 # --------------------------------------------------------------------------------------------------------
-# Placeholder
+# Placeholder and provenance
 # --------------------------------------------------------------------------------------------------------
 def adapter_placeholder(config: AdapterConfig, tokenizer: Any) -> Placeholder:
     """The placeholder ``config`` was trained with, checked against the base's ``tokenizer``.
@@ -383,6 +386,15 @@ def adapter_placeholder(config: AdapterConfig, tokenizer: Any) -> Placeholder:
     return recorded
 
 
+def selection_note(config: AdapterConfig) -> str | None:
+    """The warning every report carries when the adapter was selected on the test split, else None."""
+    if config.selection.get("val_source") != "test":
+        return None
+    split = config.selection.get("val_split", "test")
+    return (f"The GAG adapter was selected on split '{split}' (gag.val_source=test, allowed by "
+            f"gag.allow_test_selection=true): its scores on that split are optimistic.")
+
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -397,4 +409,5 @@ __all__ = [
     "inject",
     "load_adapter",
     "save_adapter",
+    "selection_note",
 ]

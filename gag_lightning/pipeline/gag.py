@@ -1,8 +1,11 @@
 """Stage III runner: memory bank + frozen base -> injection adapter (METHOD.md section 4).
 
 The artifact is the adapter alone (a few MB of safetensors + JSON naming the base, the memory schema, the
-slot placeholder) in ``artifact_dir(cfg, "gag")``; the base is never copied, and never
+slot placeholder and the selection split) in ``artifact_dir(cfg, "gag")``; the base is never copied, and never
 changed: no token is added to its tokenizer, no row to its embeddings (``load_base``).
+
+``gag.val_source=test`` (choose the adapter by its loss on the test split) is refused unless
+``gag.allow_test_selection=true``; then the adapter config records it and every eval report says so.
 
 Recipe switches (METHOD.md section 5b, off by default): ``gag.loss_weights.kl`` > 0 adds KL self-distillation
 from the base reading the background as text (``gag.kl_temperature``); ``gag.recon_steps`` > 0 runs that many
@@ -96,10 +99,26 @@ def load_base(cfg: DictConfig) -> tuple[Any, Any, Placeholder, Path]:
     return base, tokenizer, choose_placeholder(tokenizer), base_dir
 
 
+def check_val_source(node: DictConfig) -> str:
+    """``gag.val_source``; ``test`` (selecting the adapter on the test split) only with allow_test_selection."""
+    val_source = str(node.get("val_source", "split"))
+    if val_source == "test" and not bool(node.get("allow_test_selection", False)):
+        raise GAGError(
+            f"gag.val_source=test would choose the adapter by its loss on the '{node.get('val_split', 'test')}' "
+            "split, which makes every score on that split optimistic. Use gag.val_source=split (a held-out part of "
+            "the train bank) or none; to do it anyway set gag.allow_test_selection=true (every eval report then "
+            "says so)."
+        )
+    return val_source
+
 
 def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, semantic_dim: int | None,
                     placeholder: Placeholder) -> AdapterConfig:
     node = cfg.gag.adapter
+    val_source = str(cfg.gag.get("val_source", "split"))
+    selection = {"val_source": val_source}
+    if val_source == "test":
+        selection["val_split"] = str(cfg.gag.get("val_split", "test"))
     return AdapterConfig(
         expert_hidden=schema.hidden_size,
         base_hidden=int(base.get_input_embeddings().embedding_dim),
@@ -115,6 +134,7 @@ def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, sem
         base_model=base_identity(base_dir),
         memory_schema=schema.to_dict(),
         placeholder=placeholder.to_dict(),
+        selection=selection,
     )
 
 
@@ -134,7 +154,7 @@ def _resume_adapter(path: str, config: AdapterConfig) -> GAGAdapter:
     if have.base_model and config.base_model and have.base_model != config.base_model:
         log.warning("init adapter was trained on base %s, this run uses %s", have.base_model, config.base_model)
     have.base_model, have.memory_schema = config.base_model, config.memory_schema
-    have.placeholder = config.placeholder
+    have.placeholder, have.selection = config.placeholder, config.selection
     return adapter
 
 
@@ -169,6 +189,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     )
 
     node = cfg.gag
+    val_source = check_val_source(node)
     out_dir = artifact_dir(cfg, "gag")
     manifest = read_manifest(out_dir)
     if manifest is not None:
@@ -176,7 +197,6 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
     mem_override = node.get("memory_dir")
     train_bank = memory_bank_dir(cfg, node.get("train_split", "train"), mem_override)
-    val_source = str(node.get("val_source", "split"))
     val_bank = memory_bank_dir(cfg, node.get("val_split", "test"), mem_override) if val_source == "test" else None
     if out_dir.exists():  # an interrupted earlier attempt (no manifest): nothing in it is trusted
         shutil.rmtree(out_dir)
@@ -281,5 +301,5 @@ def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     return _upstream_dir(cfg, "gag", override, "adapter", "a trained adapter folder with eval.adapter=/path")
 
 
-__all__ = ["base_identity", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
+__all__ = ["base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
            "weights_bytes"]
