@@ -19,11 +19,16 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from gag_lightning.data.gag import record_instruction
 from gag_lightning.data.qa import SFTDataset, SFTExample, collate_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.errors import GAGError
-from gag_lightning.prompts import GENERAL_REQUEST_TEXT, plain_user_text, render_completion, stop_token_ids
+from gag_lightning.prompts import (
+    GENERAL_REQUEST_TEXT,
+    PromptSettings,
+    build_messages,
+    render_completion,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +38,10 @@ def encode_plain(record: QARecord, tokenizer: Any, instruction: str = "", reques
                  stop_ids: Sequence[int] | None = None) -> SFTExample | None:
     """Tokenise one record with the base-only prompt; None if the prompt alone does not fit ``max_length``.
 
-    The instruction line follows the eval harness: the configured (domain) instruction, else the record's own.
+    The prompt is ``prompts.build_messages("plain", ...)``, the eval ``lora`` / ``base`` systems' (the record's own
+    instruction wins over ``instruction``, the domain's).
     """
-    instr = record_instruction({"instruction": record.instruction}, instruction)
-    messages = [{"role": "user", "content": plain_user_text(instr, request_text, record.question.strip())}]
+    messages = build_messages("plain", record, PromptSettings(instruction=instruction, base_request_text=request_text))
     prompt, completion = render_completion(tokenizer, messages, record.answer, enable_thinking, stop_ids)
     if len(prompt) >= max_length:
         return None

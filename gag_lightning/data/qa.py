@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gag_lightning.data.records import QARecord, read_qa
-from gag_lightning.prompts import render_completion, sft_messages, stop_token_ids
+from gag_lightning.prompts import PromptSettings, build_messages, render_completion, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,10 @@ class SFTExample:
 
 def encode_sft(record: QARecord, tokenizer: Any, instruction: str | None = None, max_length: int = 2048,
                enable_thinking: bool = False, stop_ids: list[int] | None = None) -> SFTExample:
-    """User turn = instruction + question, assistant turn = answer; the record's own instruction wins."""
-    instr = record.instruction or instruction or ""
-    prompt, completion = render_completion(
-        tokenizer, sft_messages(instr, record.question), record.answer, enable_thinking, stop_ids
-    )
+    """User turn = instruction + question, assistant turn = answer (``prompts.build_messages("sft", ...)``: the
+    record's own instruction wins over ``instruction``, the domain's)."""
+    messages = build_messages("sft", record, PromptSettings(instruction=instruction or ""))
+    prompt, completion = render_completion(tokenizer, messages, record.answer, enable_thinking, stop_ids)
     ids = (prompt + completion)[:max_length]
     return SFTExample(ids, min(len(prompt), len(ids)))
 

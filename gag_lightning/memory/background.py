@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from gag_lightning.data.records import QARecord
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.memory.bank import BackgroundStore
-from gag_lightning.prompts import background_messages, render_prompt
+from gag_lightning.prompts import background_messages, record_instruction, render_prompt
 
 __all__ = [
     "BackgroundConfig",
@@ -98,7 +98,7 @@ def background_prompt_ids(tokenizer: Any, records: Sequence[QARecord], config: B
     out = []
     for record in records:
         messages = background_messages(record.question, config.system_prompt,
-                                       record.instruction or config.instruction, config.prompt_style)
+                                       record_instruction(record, config.instruction), config.prompt_style)
         text = render_prompt(tokenizer, messages, config.enable_thinking)
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out

@@ -24,7 +24,7 @@ from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
-from gag_lightning.prompts import render_prompt, sft_messages, stop_token_ids
+from gag_lightning.prompts import PromptSettings, build_messages, encode_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def _sample_answers(model: Any, tokenizer: Any, records: list, instruction: str,
     if n <= 0 or not records:
         return []
     picked = records[:n]
-    prompts = [tokenizer(render_prompt(tokenizer, sft_messages(r.instruction or instruction, r.question)),
-                         add_special_tokens=False)["input_ids"] for r in picked]
+    settings = PromptSettings(instruction=instruction)
+    prompts = [encode_prompt(tokenizer, build_messages("sft", r, settings)) for r in picked]
     was_training = model.training
     model.eval()
     outs = generate_batched(model, tokenizer, prompts, DecodingConfig(max_new_tokens=max_new_tokens, batch_size=n),

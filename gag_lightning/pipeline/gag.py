@@ -1,7 +1,11 @@
 """Stage III runner: memory bank + frozen base -> injection adapter (METHOD.md section 4).
 
-The artifact is the adapter alone (a few MB of safetensors + JSON naming the base and the memory
-schema) in ``artifact_dir(cfg, "gag")``; the base is never copied.
+The artifact is the adapter alone (a few MB of safetensors + JSON naming the base, the memory schema, the
+slot placeholder and the selection split) in ``artifact_dir(cfg, "gag")``; the base is never copied, and never
+changed: no token is added to its tokenizer, no row to its embeddings (``load_base``).
+
+``gag.val_source=test`` (choose the adapter by its loss on the test split) is refused unless
+``gag.allow_test_selection=true``; then the adapter config records it and every eval report says so.
 
 Recipe switches (METHOD.md section 5b, off by default): ``gag.loss_weights.kl`` > 0 adds KL self-distillation
 from the base reading the background as text (``gag.kl_temperature``); ``gag.recon_steps`` > 0 runs that many
@@ -23,16 +27,11 @@ from omegaconf import DictConfig
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
-from gag_lightning.models.adapter import (
-    AdapterConfig,
-    GAGAdapter,
-    add_gag_token,
-    ensure_embedding_size,
-    load_adapter,
-)
+from gag_lightning.models.adapter import AdapterConfig, GAGAdapter, load_adapter
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
+from gag_lightning.prompts import Placeholder, choose_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +84,41 @@ def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in folder.glob(pattern))
 
 
-def load_base(cfg: DictConfig) -> tuple[Any, Any, int, Path]:
-    """(frozen base in hardware.base_dtype, tokenizer with <GAG>, <GAG> id, base directory)."""
+def load_base(cfg: DictConfig) -> tuple[Any, Any, Placeholder, Path]:
+    """(frozen base in hardware.base_dtype, its tokenizer, the slot placeholder, base directory).
+
+    The published base as it is: nothing is added to the tokenizer and the embeddings are never resized (a new
+    row would also be a new random row of a tied output head). The memory slots are marked by the placeholder
+    of ``prompts.choose_placeholder`` (a spare special token of the tokenizer, or a mark outside the vocabulary).
+    """
     base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
     tokenizer = load_tokenizer(base_dir)
-    gag_id = add_gag_token(tokenizer)
     base = load_causal_lm(base_dir, cfg.hardware.get("base_dtype", "float32"))
-    ensure_embedding_size(base, tokenizer)
     base.requires_grad_(False)
     base.eval()
-    return base, tokenizer, gag_id, base_dir
+    return base, tokenizer, choose_placeholder(tokenizer), base_dir
 
 
-def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, semantic_dim: int | None) -> AdapterConfig:
+def check_val_source(node: DictConfig) -> str:
+    """``gag.val_source``; ``test`` (selecting the adapter on the test split) only with allow_test_selection."""
+    val_source = str(node.get("val_source", "split"))
+    if val_source == "test" and not bool(node.get("allow_test_selection", False)):
+        raise GAGError(
+            f"gag.val_source=test would choose the adapter by its loss on the '{node.get('val_split', 'test')}' "
+            "split, which makes every score on that split optimistic. Use gag.val_source=split (a held-out part of "
+            "the train bank) or none; to do it anyway set gag.allow_test_selection=true (every eval report then "
+            "says so)."
+        )
+    return val_source
+
+
+def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, semantic_dim: int | None,
+                    placeholder: Placeholder) -> AdapterConfig:
     node = cfg.gag.adapter
+    val_source = str(cfg.gag.get("val_source", "split"))
+    selection = {"val_source": val_source}
+    if val_source == "test":
+        selection["val_split"] = str(cfg.gag.get("val_split", "test"))
     return AdapterConfig(
         expert_hidden=schema.hidden_size,
         base_hidden=int(base.get_input_embeddings().embedding_dim),
@@ -113,6 +133,8 @@ def _adapter_config(cfg: DictConfig, schema: Any, base: Any, base_dir: Path, sem
         slot_dropout=float(node.get("slot_dropout", 0.0)),
         base_model=base_identity(base_dir),
         memory_schema=schema.to_dict(),
+        placeholder=placeholder.to_dict(),
+        selection=selection,
     )
 
 
@@ -132,6 +154,7 @@ def _resume_adapter(path: str, config: AdapterConfig) -> GAGAdapter:
     if have.base_model and config.base_model and have.base_model != config.base_model:
         log.warning("init adapter was trained on base %s, this run uses %s", have.base_model, config.base_model)
     have.base_model, have.memory_schema = config.base_model, config.memory_schema
+    have.placeholder, have.selection = config.placeholder, config.selection
     return adapter
 
 
@@ -147,7 +170,8 @@ def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[A
     recon_dm = ReconDataModule(datamodule.open_bank(), tokenizer, positions=datamodule.positions["train"],
                                max_length=int(node.max_length), batch_size=int(node.batch_size),
                                num_workers=int(node.get("num_workers", 0)),
-                               enable_thinking=bool(node.get("enable_thinking", False)))
+                               enable_thinking=bool(node.get("enable_thinking", False)),
+                               placeholder_id=datamodule.placeholder_id)
     recon_dm.setup("fit")
     trainer = build_trainer(cfg, "gag", [], loggers, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     return trainer, recon_dm
@@ -165,6 +189,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     )
 
     node = cfg.gag
+    val_source = check_val_source(node)
     out_dir = artifact_dir(cfg, "gag")
     manifest = read_manifest(out_dir)
     if manifest is not None:
@@ -172,12 +197,11 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
     mem_override = node.get("memory_dir")
     train_bank = memory_bank_dir(cfg, node.get("train_split", "train"), mem_override)
-    val_source = str(node.get("val_source", "split"))
     val_bank = memory_bank_dir(cfg, node.get("val_split", "test"), mem_override) if val_source == "test" else None
     if out_dir.exists():  # an interrupted earlier attempt (no manifest): nothing in it is trusted
         shutil.rmtree(out_dir)
 
-    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base, tokenizer, placeholder, base_dir = load_base(cfg)
     weight_map = container(node.loss_weights)
     weights = loss_weights_tuple(weight_map)
     distill = kl_weight(weight_map) > 0
@@ -193,11 +217,12 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed, max_train_records=node.get("max_train_records"),
         max_val_records=node.get("max_val_records"), enable_thinking=bool(node.get("enable_thinking", False)),
         semantic_encoder=encoder, expect=expected_schema(cfg), teacher_context=distill,
+        placeholder_id=placeholder.id,
     )
     schema = datamodule.schema
     # seeded here, after every model load: building a cached tiny model re-seeds the global RNG
     L.seed_everything(cfg.seed, workers=True)
-    config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None)
+    config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None, placeholder)
     init = node.get("init_adapter")
     adapter = _resume_adapter(str(init), config) if init else GAGAdapter(config)
     init_mode = str(node.get("init", "random"))
@@ -214,7 +239,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     del encoder
     datamodule.semantic_encoder = None  # targets are precomputed; free the encoder
 
-    module = GAGModule(base, adapter, gag_id, loss_weights=weight_map, lr=float(node.lr),
+    module = GAGModule(base, adapter, placeholder.id, loss_weights=weight_map, lr=float(node.lr),
                        warmup_ratio=float(node.warmup_ratio), weight_decay=float(node.weight_decay),
                        gradient_checkpointing=bool(node.get("gradient_checkpointing", False)),
                        kl_temperature=float(node.get("kl_temperature", 1.0)))
@@ -276,5 +301,5 @@ def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     return _upstream_dir(cfg, "gag", override, "adapter", "a trained adapter folder with eval.adapter=/path")
 
 
-__all__ = ["base_identity", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
+__all__ = ["base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
            "weights_bytes"]

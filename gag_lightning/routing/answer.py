@@ -29,7 +29,7 @@ from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
 from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
 from gag_lightning.memory.extract import CompressionConfig, extract_memories
-from gag_lightning.models.adapter import load_adapter
+from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.prompts import GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, stop_token_ids
 
@@ -107,7 +107,7 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     if len(questions) != len(routes):
         raise GAGError(f"{len(questions)} questions but {len(routes)} routes")
     device = _device(cfg)
-    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base, tokenizer, placeholder, _ = load_base(cfg)
     base.to(device).eval()
     decoding = decoding_config(cfg)
     by_route: dict[str, list[int]] = defaultdict(list)
@@ -115,13 +115,15 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
         by_route[route].append(i)
     answers: list[str] = [""] * len(questions)
     backgrounds: dict[int, str] = {}
+    notes: list[str] = []
     general = "general"
     for route, rows in by_route.items():
         qs = [questions[i] for i in rows]
         if route == general:
-            harness = EvalHarness(base, tokenizer, decoding, base_request_text=GENERAL_REQUEST_TEXT)
-            items = [EvalItem(id=str(i), question=q, reference="", instruction=GENERAL_INSTRUCTION)
-                     for i, q in zip(rows, qs, strict=True)]
+            # the base's placeholder id only for decoding: every route suppresses a placeholder token alike
+            harness = EvalHarness(base, tokenizer, decoding, gag_token_id=placeholder.id,
+                                  base_request_text=GENERAL_REQUEST_TEXT, instruction=GENERAL_INSTRUCTION)
+            items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
             gens = harness.generate("base", items)
         else:
             expert_dir, adapter_dir, instruction = _domain_artifacts(cfg, route)
@@ -129,11 +131,14 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
             path = DomainPath(route, load_causal_lm(expert_dir, cfg.hardware.get("base_dtype", "float32")).to(device)
                               .eval(), load_tokenizer(expert_dir), load_adapter(adapter_dir, device=device).eval(),
                               instruction)
+            note = selection_note(path.adapter.config)
+            if note:
+                notes.append(f"route {route}: {note}")
             memories, texts = build_memories(path, qs, cfg)
-            harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter, gag_token_id=gag_id,
-                                  memories=memories, request_text=str(cfg.domain.request_text))
-            items = [EvalItem(id=str(i), question=q, reference="", instruction=instruction)
-                     for i, q in zip(rows, qs, strict=True)]
+            harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter,
+                                  gag_token_id=adapter_placeholder(path.adapter.config, tokenizer).id,
+                                  memories=memories, request_text=str(cfg.domain.request_text), instruction=instruction)
+            items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
             gens = harness.generate("gag", items)
             for i, text in zip(rows, texts, strict=True):
                 backgrounds[i] = text
@@ -141,7 +146,7 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
         for i, gen in zip(rows, gens, strict=True):
             answers[i] = gen.text
     if records is not None and out_dir is not None:
-        score_routed(cfg, records, routes, answers, backgrounds, Path(out_dir))
+        score_routed(cfg, records, routes, answers, backgrounds, Path(out_dir), notes)
     return answers
 
 
@@ -158,9 +163,10 @@ def fact_aliases(record: Any, general_sets: set[str]) -> list[str] | None:
 
 
 def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str], answers: Sequence[str],
-                 backgrounds: dict[int, str], out_dir: Path) -> dict[str, Any]:
+                 backgrounds: dict[int, str], out_dir: Path, notes: Sequence[str] = ()) -> dict[str, Any]:
     """Per-dataset metrics: fact_acc (records with gold aliases) and token F1 for every set, has-answer EM for
-    general sets, BERTScore F1 and STS for specialist sets."""
+    general sets, BERTScore F1 and STS for specialist sets. ``notes`` (an adapter selected on the test split)
+    head report.md and sit in metrics.json."""
     from gag_lightning.pipeline.evaluate import build_scorers
 
     general_sets = set(OmegaConf.to_container(cfg.router.domains.general.dataset_names, resolve=True))
@@ -191,10 +197,11 @@ def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str],
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "predictions.jsonl",
                       "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"systems": summary}, indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "metrics.json", json.dumps({"systems": summary, "notes": list(notes)}, indent=2,
+                                                           ensure_ascii=False))
     table = {f"routed/{name}": stats for name, stats in per_dataset.items()}
     table["routed/all"] = {k: v for k, v in summary["routed"].items() if k != "groups"}
-    atomic_write_text(out_dir / "report.md", markdown_report(table, "routed mixed-domain answering"))
+    atomic_write_text(out_dir / "report.md", markdown_report(table, "routed mixed-domain answering", notes))
     from gag_lightning.eval.harness import print_report
 
     print_report(table, "routed mixed-domain answering")

@@ -50,9 +50,10 @@ def injected_embeddings(base: Any, adapter: GAGAdapter, input_ids: Tensor, memor
                         gag_token_id: int) -> tuple[Tensor, Tensor]:
     """(inputs_embeds with the projected slots at the ``<GAG>`` positions, slots ``[B, S, H_b]`` fp32).
 
-    The one injection path, shared by training and every GAG system of the evaluation harness.
+    The one injection path, shared by training and every GAG system of the evaluation harness. The placeholder
+    positions are looked up as id 0 (a mark id is outside the vocabulary; either way the row is overwritten).
     """
-    embeds = base.get_input_embeddings()(input_ids)
+    embeds = base.get_input_embeddings()(input_ids.masked_fill(input_ids == gag_token_id, 0))
     slots = adapter.project(memory.to(input_ids.device))
     return inject(embeds, input_ids, gag_token_id, slots), slots
 
