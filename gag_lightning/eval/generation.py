@@ -288,6 +288,9 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
     long as its longest row. It needs history-free logits processing (no repetition penalty, no
     n-gram blocking) and a plain dynamic KV cache, and falls back to fixed batches otherwise.
     """
+    from gag_lightning.eval.limits import check_prompts_fit
+
+    check_prompts_fit(model, prompts, decoding.max_new_tokens)  # beyond its positions a model decodes garbage
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     embed_fn = embed_fn or _default_embed(model)
     device = next(model.parameters()).device
