@@ -9,6 +9,8 @@ from typing import Any
 
 import lightning as L
 
+from gag_lightning.artifacts import apply_umask
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,7 @@ class HFExportCallback(L.Callback):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             pl_module.model.save_pretrained(self.out_dir)
             self.tokenizer.save_pretrained(self.out_dir)
+            apply_umask(self.out_dir)  # safetensors writes model.safetensors 0600
         trainer.strategy.barrier("hf_export")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

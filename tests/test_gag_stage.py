@@ -55,6 +55,11 @@ def make_bank(folder: Path, n: int = len(RECORDS), seed: int = 0, slots: int = S
         q, a, bg = RECORDS[i % len(RECORDS)]
         metas.append({"index": i, "id": f"r{i}", "question": q, "answer": a, "background": bg})
     bank.write_shard(metas, torch.randn(n, K, slots, H_E, generator=gen))
+    # the parent is a finished synthetic memory artifact (stages refuse a memory folder without a manifest)
+    manifest = folder.parent / "manifest.json"
+    done = json.loads(manifest.read_text()) if manifest.is_file() else {"stage": "memory", "synthetic": {}}
+    done["synthetic"][folder.name] = {"n": n, "seed": seed, "slots": slots}
+    manifest.write_text(json.dumps(done, sort_keys=True))
     return folder
 
 

@@ -291,6 +291,9 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
     `suppress_ids` can never be generated (their logits are -inf at every step): the base's GAG slot
     placeholder token (prompts.Placeholder.suppress_ids).
     """
+    from gag_lightning.eval.limits import check_prompts_fit
+
+    check_prompts_fit(model, prompts, decoding.max_new_tokens)  # beyond its positions a model decodes garbage
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     embed_fn = embed_fn or _default_embed(model)
     device = next(model.parameters()).device

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gag_lightning.artifacts import atomic_write, atomic_write_text
-from gag_lightning.errors import GAGError
+from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.prompts import GAG_TOKEN, Placeholder, choose_placeholder
 
 log = logging.getLogger(__name__)
@@ -340,10 +340,48 @@ def save_adapter(adapter: GAGAdapter, folder: str | Path) -> Path:
     return folder
 
 
-def load_adapter(folder: str | Path, device: str | torch.device | None = None) -> GAGAdapter:
-    """Rebuild an adapter from ``save_adapter`` output, restoring every tensor including the layer mix."""
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a truncated or damaged file, or NaN/inf in it, is an error naming it."""
     from safetensors.torch import load_file
 
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError: incomplete metadata, ...)
+        raise GAGError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); the file is truncated or "
+                       "damaged: retrain, or copy it again") from exc
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        from gag_lightning.errors import NonFiniteError
+
+        raise NonFiniteError(f"{path}: tensor(s) {bad[:5]} hold NaN/inf values; the weights are unusable: retrain")
+    return state
+
+
+def check_weight_shapes(adapter: GAGAdapter, state: Mapping[str, Tensor], cfg_path: Path, w_path: Path) -> None:
+    """Refuse weights whose shapes differ from what the config builds, naming the tensor, the dimension and the
+    config fields of that size (instead of torch's `RuntimeError ... size mismatch`)."""
+    sizes = ("expert_hidden", "base_hidden", "slots", "layers", "projector_hidden", "semantic_dim")
+    problems = []
+    for name, want in adapter.state_dict().items():
+        have = state.get(name)
+        if have is None or tuple(have.shape) == tuple(want.shape):
+            continue
+        if have.dim() != want.dim():
+            problems.append(f"{name} is {list(have.shape)} in {w_path.name} but {list(want.shape)} by {cfg_path.name}")
+            continue
+        for dim, (h, w) in enumerate(zip(have.shape, want.shape, strict=True)):
+            if h != w:
+                fields = [f for f in sizes if getattr(adapter.config, f, None) == w]
+                named = f" ({', '.join(f'{f}={w}' for f in fields)})" if fields else ""
+                problems.append(f"{name} dimension {dim} is {h} in {w_path.name} but {w} by {cfg_path.name}{named}")
+    if problems:
+        raise SchemaMismatchError(f"adapter folder {w_path.parent}: {cfg_path.name} does not match the weights: "
+                                  + "; ".join(problems[:5]) + "; the config must hold the sizes the weights were "
+                                  "trained with")
+
+
+def load_adapter(folder: str | Path, device: str | torch.device | None = None) -> GAGAdapter:
+    """Rebuild an adapter from ``save_adapter`` output, restoring every tensor including the layer mix."""
     from gag_lightning.errors import MissingArtifactError
 
     folder = Path(folder)
@@ -351,10 +389,14 @@ def load_adapter(folder: str | Path, device: str | torch.device | None = None) -
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise MissingArtifactError(f"{p} not found; run the 'gag' stage to train an adapter first")
-    with open(cfg_path, encoding="utf-8") as f:
-        config = AdapterConfig.from_dict(json.load(f))
-    adapter = GAGAdapter(config)
-    state = load_file(str(w_path), device="cpu")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = AdapterConfig.from_dict(json.load(f))
+        adapter = GAGAdapter(config)
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise GAGError(f"{cfg_path}: not a valid adapter config ({exc})") from exc
+    state = read_weights(w_path)
+    check_weight_shapes(adapter, state, cfg_path, w_path)
     missing, unexpected = adapter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise GAGError(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from gag_lightning.artifacts import apply_umask
+
 TINY_BUILDER_VERSION = 1
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -145,6 +147,7 @@ def build_tiny_lm(
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    apply_umask(tmp)  # safetensors writes model.safetensors 0600
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first: theirs is identical
@@ -209,6 +212,7 @@ def build_tiny_encoder(
     # flatten: the sentence-transformers directory is the encoder directory (like the MiniLM package's)
     shutil.move(str(tmp / "st"), str(out.with_name(out.name + f".st-{os.getpid()}")))
     shutil.rmtree(tmp)
+    apply_umask(out.with_name(out.name + f".st-{os.getpid()}"))
     try:
         os.replace(out.with_name(out.name + f".st-{os.getpid()}"), out)
     except OSError:

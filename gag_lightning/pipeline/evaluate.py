@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import read_manifest, write_manifest
+from gag_lightning.artifacts import atomic_write_text, read_manifest, unfinished_inputs, write_manifest
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.memory.bank import MemoryBank
@@ -146,6 +146,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     device = eval_device(cfg)
+    unfinished = unfinished_inputs(stage_key(cfg, "eval"))
+    if unfinished:
+        log.warning("[eval] allow_unfinished=true: reading unfinished upstream folder(s) %s", unfinished)
 
     # ---- what every split shares: the base (+ adapter, LoRA, expert), the scorers, the RAG index
     base, tokenizer, placeholder, base_dir = load_base(cfg)
@@ -213,10 +216,16 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             result.settings["rag"].update(retrieval.settings, passage_ids=retrieval.passage_ids)
         if lora_dir is not None:
             result.settings.update(lora=str(lora_dir), lora_bytes=lora_bytes(lora_dir))
+        if unfinished:
+            result.settings.update(allow_unfinished=True, unfinished_inputs=unfinished)
         results[split], titles[split] = result, split_title(cfg, split, len(items))
         paths[split] = write_outputs(out_dir / split, result, titles[split])
         metrics.update(flat_metrics(result.summary, prefix=f"eval/{split}"))
     top = write_split_outputs(out_dir, results, titles)
+    if unfinished:  # stamped at the top of the report: these numbers came from folders whose stage did not finish
+        stamp = ("> **allow_unfinished=true**: evaluated with upstream folder(s) whose stage did not finish (no "
+                 f"manifest.json): {', '.join(unfinished)}\n\n")
+        atomic_write_text(top["report"], stamp + top["report"].read_text(encoding="utf-8"))
 
     loggers = make_loggers(cfg, "eval")
     for logger in loggers:

@@ -20,9 +20,10 @@ from gag_lightning.artifacts import (
     write_manifest,
 )
 from gag_lightning.callbacks import HFExportCallback
+from gag_lightning.errors import GAGError
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, stage_key
+from gag_lightning.pipeline.keys import artifact_dir, container, stage_key, upstream_folder
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
 from gag_lightning.prompts import PromptSettings, build_messages, encode_prompt, stop_token_ids
 
@@ -41,9 +42,9 @@ def expert_init_path(cfg: DictConfig, stage: str) -> Path:
             f"(same overrides), or start from the preset's expert with `sft.init_from=base`, "
             f"or give a model directory with `sft.init_from=/path/to/model`."))
         return folder
-    path = Path(str(init))
+    path, _ = upstream_folder(cfg, f"{stage}.init_from", init, external_ok=True)  # refuses an unfinished artifact
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{stage}.init_from={init}: not a Hugging Face model directory (no config.json)")
+        raise GAGError(f"{stage}.init_from={init}: not a Hugging Face model directory (no config.json)")
     return path
 
 

@@ -29,7 +29,7 @@ from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, w
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 from gag_lightning.models.adapter import AdapterConfig, GAGAdapter, load_adapter
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key
+from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key, upstream_folder
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
 from gag_lightning.prompts import Placeholder, choose_placeholder
 
@@ -37,13 +37,12 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _upstream_dir(cfg: DictConfig, stage: str, override: str | None, what: str, how: str) -> Path:
-    """An explicitly given folder (must exist), else this config's finished `stage` artifact."""
+def _upstream_dir(cfg: DictConfig, stage: str, override: str | None, what: str, how: str, option: str | None = None,
+                  external_ok: bool = False) -> Path:
+    """An explicitly given folder (config `option`: must exist and be finished, see `keys.upstream_folder`), else
+    this config's finished `stage` artifact."""
     if override:
-        folder = Path(str(override)).expanduser()
-        if not folder.is_dir():
-            raise MissingArtifactError(f"{what} folder {folder} (given explicitly) does not exist")
-        return folder
+        return upstream_folder(cfg, option or f"{what} folder", override, external_ok=external_ok)[0]
     folder = artifact_dir(cfg, stage)
     require_artifact(folder, stage, hint=(
         f"Run `python train.py stage={stage} model={cfg.model.name} domain={cfg.domain.name}` first (same "
@@ -54,7 +53,7 @@ def _upstream_dir(cfg: DictConfig, stage: str, override: str | None, what: str, 
 def memory_root(cfg: DictConfig, override: str | None = None) -> Path:
     """The memory artifact folder (holding one bank per split): an explicit path or this config's artifact."""
     return _upstream_dir(cfg, "memory", override, "memory", "the folder of an existing memory artifact with "
-                         "gag.memory_dir=/path")
+                         "gag.memory_dir=/path", option="gag.memory_dir")
 
 
 def memory_bank_dir(cfg: DictConfig, split: str, override: str | None = None) -> Path:
@@ -224,6 +223,8 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     config = _adapter_config(cfg, schema, base, base_dir, encoder.dim if encoder else None, placeholder)
     init = node.get("init_adapter")
+    if init:  # a finished adapter artifact (or the `last/` of one), refused when unfinished
+        init = upstream_folder(cfg, "gag.init_adapter", init)[0]
     adapter = _resume_adapter(str(init), config) if init else GAGAdapter(config)
     init_mode = str(node.get("init", "random"))
     alignment = None
@@ -298,7 +299,8 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
 
 def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     """The trained adapter for this config (what the eval stage reads), or an explicit folder."""
-    return _upstream_dir(cfg, "gag", override, "adapter", "a trained adapter folder with eval.adapter=/path")
+    return _upstream_dir(cfg, "gag", override, "adapter", "a trained adapter folder with eval.adapter=/path",
+                         option="eval.adapter")
 
 
 __all__ = ["base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",

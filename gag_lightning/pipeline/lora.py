@@ -17,9 +17,9 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
+from gag_lightning.artifacts import MANIFEST, apply_umask, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
-from gag_lightning.errors import MissingArtifactError, SchemaMismatchError
+from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
 from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, global_rank, make_loggers
@@ -68,6 +68,7 @@ def save_lora(model: Any, folder: Path) -> None:
     """Only the LoRA tensors and their config; embeddings are never saved (``save_embedding_layers=False``:
     peft's "auto" would save them whenever the vocabulary differs from the base's config)."""
     model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    apply_umask(folder)  # safetensors writes its file 0600
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the artifact
 
 
@@ -84,7 +85,19 @@ def load_lora(base: Any, folder: str | Path) -> Any:
     """
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    from gag_lightning.models.loading import damaged_weight_files
+
+    try:
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    except Exception as exc:  # a raw library error otherwise: name the folder and what is wrong in it
+        damaged = damaged_weight_files(folder)
+        if damaged:
+            raise GAGError(f"{', '.join(damaged)}: cannot read the LoRA weights ({type(exc).__name__}: {exc}); the "
+                           "file is truncated or damaged") from exc
+        if "size mismatch" in str(exc):
+            raise SchemaMismatchError(f"LoRA folder {folder}: {LORA_CONFIG} does not match the weights or the base "
+                                      f"({exc})") from exc
+        raise
     model.eval()
     return model
 
@@ -94,7 +107,7 @@ def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     from gag_lightning.pipeline.gag import _upstream_dir
 
     folder = _upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
-                           "lora from eval.systems")
+                           "lora from eval.systems", option="eval.lora_adapter", external_ok=True)
     if not (folder / LORA_CONFIG).is_file():
         raise MissingArtifactError(f"LoRA folder {folder} has no {LORA_CONFIG}")
     return folder

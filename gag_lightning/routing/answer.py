@@ -26,6 +26,7 @@ from gag_lightning.errors import GAGError
 from gag_lightning.eval.facts import fact_match, token_f1
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.eval.limits import check_prompts_fit
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
 from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
 from gag_lightning.memory.extract import CompressionConfig, extract_memories
@@ -50,6 +51,7 @@ class DomainPath:
 def _domain_artifacts(cfg: DictConfig, route: str) -> tuple[Path, Path, str]:
     """(expert dir, adapter dir, instruction) of a route: the current domain's artifacts or explicit paths."""
     from gag_lightning.pipeline.gag import gag_adapter_dir
+    from gag_lightning.pipeline.keys import upstream_folder
     from gag_lightning.pipeline.memory import memory_expert_path
 
     if route == str(cfg.domain.name):
@@ -61,7 +63,10 @@ def _domain_artifacts(cfg: DictConfig, route: str) -> tuple[Path, Path, str]:
                 raise GAGError(f"route '{route}' has no trained artifacts for answering: set "
                                f"router.domains.{key}.expert=/path/to/sft-expert and "
                                f"router.domains.{key}.adapter=/path/to/gag-adapter")
-            return Path(spec["expert"]), Path(spec["adapter"]), str(spec.get("instruction") or "")
+            # finished artifacts only (an unfinished one is refused unless allow_unfinished=true)
+            expert = upstream_folder(cfg, f"router.domains.{key}.expert", spec["expert"], external_ok=True)[0]
+            adapter = upstream_folder(cfg, f"router.domains.{key}.adapter", spec["adapter"])[0]
+            return expert, adapter, str(spec.get("instruction") or "")
     raise GAGError(f"route '{route}' is not configured under router.domains")
 
 
@@ -77,14 +82,17 @@ def _device(cfg: DictConfig) -> torch.device:
     return eval_device(cfg)
 
 
-def build_memories(path: DomainPath, questions: Sequence[str], cfg: DictConfig) -> tuple[torch.Tensor, list[str]]:
-    """Expert backgrounds and [N, K, S, H_e] memories for routed questions (METHOD.md section 3)."""
+def build_memories(path: DomainPath, questions: Sequence[str], cfg: DictConfig,
+                   labels: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Expert backgrounds and [N, K, S, H_e] memories for routed questions (METHOD.md section 3); `labels` name
+    the questions in an error (a prompt longer than the expert's positions)."""
     gen_cfg = BackgroundConfig.from_mapping(OmegaConf.to_container(cfg.memory.generation, resolve=True),
                                             seed=int(cfg.seed))
     if path.instruction and gen_cfg.prompt_style == "sft":
         gen_cfg = BackgroundConfig(**{**gen_cfg.__dict__, "instruction": path.instruction})
     records = [QARecord(index=i, id=str(i), question=q, answer="") for i, q in enumerate(questions)]
     prompts = background_prompt_ids(path.expert_tokenizer, records, gen_cfg)
+    check_prompts_fit(path.expert, prompts, gen_cfg.max_new_tokens, labels)
     decoding = DecodingConfig(max_new_tokens=gen_cfg.max_new_tokens, do_sample=gen_cfg.do_sample,
                               temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
                               batch_size=int(cfg.memory.generation.batch_size))
@@ -110,6 +118,7 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     base, tokenizer, placeholder, _ = load_base(cfg)
     base.to(device).eval()
     decoding = decoding_config(cfg)
+    labels = _labels(cfg, records, len(questions))
     by_route: dict[str, list[int]] = defaultdict(list)
     for i, route in enumerate(routes):
         by_route[route].append(i)
@@ -124,6 +133,7 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
             harness = EvalHarness(base, tokenizer, decoding, gag_token_id=placeholder.id,
                                   base_request_text=GENERAL_REQUEST_TEXT, instruction=GENERAL_INSTRUCTION)
             items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
+            check_prompts_fit(base, harness.prompts("base", items), decoding.max_new_tokens, [labels[i] for i in rows])
             gens = harness.generate("base", items)
         else:
             expert_dir, adapter_dir, instruction = _domain_artifacts(cfg, route)
@@ -134,11 +144,12 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
             note = selection_note(path.adapter.config)
             if note:
                 notes.append(f"route {route}: {note}")
-            memories, texts = build_memories(path, qs, cfg)
+            memories, texts = build_memories(path, qs, cfg, labels=[labels[i] for i in rows])
             harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter,
                                   gag_token_id=adapter_placeholder(path.adapter.config, tokenizer).id,
                                   memories=memories, request_text=str(cfg.domain.request_text), instruction=instruction)
             items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
+            check_prompts_fit(base, harness.prompts("gag", items), decoding.max_new_tokens, [labels[i] for i in rows])
             gens = harness.generate("gag", items)
             for i, text in zip(rows, texts, strict=True):
                 backgrounds[i] = text
@@ -148,6 +159,14 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     if records is not None and out_dir is not None:
         score_routed(cfg, records, routes, answers, backgrounds, Path(out_dir), notes)
     return answers
+
+
+def _labels(cfg: DictConfig, records: Sequence[Any] | None, n: int) -> list[str]:
+    """How an error names each routed question: the test file's 1-based line, or the query's position."""
+    if records is not None:
+        test_set = OmegaConf.select(cfg, "router.test_set", default="the mixed test set")
+        return [f"{test_set}, line {getattr(r, 'line', None) or '?'}: field 'question'" for r in records]
+    return [f"query {i + 1}" for i in range(n)]
 
 
 def fact_aliases(record: Any, general_sets: set[str]) -> list[str] | None:
