@@ -154,7 +154,7 @@ def test_same_record_same_prompt_ids_in_training_eval_and_routing(tmp_path, toke
     monkeypatch.setattr(answer_mod, "load_tokenizer", lambda path: tokenizer)
     monkeypatch.setattr(answer_mod, "load_adapter", lambda path, device=None: adapter)
     monkeypatch.setattr(answer_mod, "build_memories",
-                        lambda path, qs, c: (torch.randn(len(qs), K, S, H_E), ["bg"] * len(qs)))
+                        lambda path, qs, c, labels=None: (torch.randn(len(qs), K, S, H_E), ["bg"] * len(qs)))
     questions = [metas[1]["question"], metas[2]["question"]]
     answer_mod.answer_routed(cfg, questions, [str(cfg.domain.name)] * 2)
     assert fed == trained[1:]
