@@ -166,7 +166,7 @@ def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[A
     checkpoint = stage_checkpoint(cfg, out_dir, monitor=None, subdir="recon")
     trainer = build_trainer(cfg, "gag", [checkpoint], loggers, max_steps=steps, limit_val_batches=0,
                             num_sanity_val_steps=0)
-    return trainer, recon_dm, resume_path(checkpoint, "gag recon warm-up")
+    return trainer, recon_dm, resume_path(checkpoint, "gag-recon")
 
 
 def adapter_bytes(folder: str | Path) -> int:
