@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.data.records import read_knowledge_base
 from gag_lightning.errors import GAGError
 
@@ -113,13 +115,13 @@ class KnowledgeBaseDataModule(L.LightningDataModule):
                  self.knowledge_base, len(texts), len(blocks), self.block_size, len(train), len(val))
         self.train_set, self.val_set = BlockDataset(train), BlockDataset(val)
 
-    def _loader(self, data: BlockDataset, shuffle: bool) -> DataLoader:
+    def _collate(self) -> Any:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_blocks(b, pad))
+        return partial(collate_blocks, pad_id=pad)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return train_loader(self.train_set, self.batch_size, self.seed, self._collate(), self.num_workers,
+                            trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        return eval_loader(self.val_set, self.batch_size, self._collate(), self.num_workers) if len(self.val_set) else []

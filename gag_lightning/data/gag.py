@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from gag_lightning.data.distill import teacher_batch, with_teacher
+from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.models.adapter import GAG_TOKEN, AdapterConfig, InjectionError
@@ -362,8 +363,10 @@ class GAGDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        return DataLoader(self.sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=GAGCollator(pad, teacher=self.teacher_context))
+        collate = GAGCollator(pad, teacher=self.teacher_context)
+        if shuffle:
+            return train_loader(self.sets[split], batch_size, self.seed, collate, self.num_workers, trainer=self.trainer)
+        return eval_loader(self.sets[split], batch_size, collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

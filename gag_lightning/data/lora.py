@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from gag_lightning.data.loaders import train_loader
 from gag_lightning.data.qa import SFTDataset, SFTExample, collate_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.errors import GAGError
@@ -53,9 +54,10 @@ class LoRADataModule(L.LightningDataModule):
 
     def __init__(self, records: Sequence[QARecord], tokenizer: Any, instruction: str = "",
                  request_text: str = GENERAL_REQUEST_TEXT, max_length: int = 2048, batch_size: int = 1,
-                 num_workers: int = 0, enable_thinking: bool = False) -> None:
+                 num_workers: int = 0, enable_thinking: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.records = list(records)
+        self.seed = seed  # the training order is a function of (seed, epoch)
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.request_text = request_text
@@ -86,8 +88,8 @@ class LoRADataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=partial(collate_sft, pad_id=pad))
+        return train_loader(self.train_set, self.batch_size, self.seed, partial(collate_sft, pad_id=pad),
+                            self.num_workers, trainer=self.trainer)
 
 
 __all__ = ["LoRADataModule", "encode_plain"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.prompts import PromptSettings, build_messages, render_completion, stop_token_ids
 
@@ -106,9 +108,10 @@ class SFTDataModule(L.LightningDataModule):
         log.info("SFT data: %s", {k: len(v) for k, v in self.sets.items()})
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        pad = self.tokenizer.pad_token_id
-        return DataLoader(self.sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_sft(b, pad))
+        collate = partial(collate_sft, pad_id=self.tokenizer.pad_token_id)
+        if shuffle:
+            return train_loader(self.sets[split], batch_size, self.seed, collate, self.num_workers, trainer=self.trainer)
+        return eval_loader(self.sets[split], batch_size, collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

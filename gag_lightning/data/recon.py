@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gag_lightning.data.gag import GAGCollator, GAGDataset, GAGExample, encode_turn
+from gag_lightning.data.loaders import train_loader
 from gag_lightning.errors import GAGError
 from gag_lightning.memory.bank import MemoryBank
 from gag_lightning.prompts import choose_placeholder, recon_user_text, stop_token_ids
@@ -51,8 +52,9 @@ class ReconDataModule(L.LightningDataModule):
     def __init__(self, bank: str | Path | MemoryBank, tokenizer: Any, positions: Sequence[int] | None = None,
                  max_length: int = 2048, batch_size: int = 1, num_workers: int = 0,
                  enable_thinking: bool = False, expect: Mapping[str, Any] | None = None,
-                 placeholder_id: int | None = None) -> None:
+                 placeholder_id: int | None = None, seed: int = 0) -> None:
         super().__init__()
+        self.seed = seed  # the training order is a function of (seed, epoch)
         self.bank = bank if isinstance(bank, MemoryBank) else MemoryBank.open(bank, expect=dict(expect or {}) or None)
         self.tokenizer = tokenizer
         self.positions = list(positions) if positions is not None else None
@@ -91,8 +93,8 @@ class ReconDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=GAGCollator(pad))
+        return train_loader(self.dataset, self.batch_size, self.seed, GAGCollator(pad), self.num_workers,
+                            trainer=self.trainer)
 
 
 __all__ = ["ReconDataModule", "encode_recon"]

@@ -26,11 +26,27 @@ import lightning as L
 from omegaconf import DictConfig
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
+from gag_lightning.callbacks import checkpoint_step
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
-from gag_lightning.models.adapter import AdapterConfig, GAGAdapter, load_adapter
+from gag_lightning.models.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    GAGAdapter,
+    load_adapter,
+    save_adapter,
+)
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key, upstream_folder
-from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, make_loggers
+from gag_lightning.pipeline.trainer import (
+    build_trainer,
+    finish_loggers,
+    global_rank,
+    make_loggers,
+    remove_checkpoints,
+    resume_path,
+    stage_checkpoint,
+)
 from gag_lightning.prompts import Placeholder, choose_placeholder
 
 log = logging.getLogger(__name__)
@@ -158,29 +174,55 @@ def _resume_adapter(path: str, config: AdapterConfig) -> GAGAdapter:
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[Any]) -> tuple[Any, Any]:
-    """(trainer, datamodule) of the reconstruction warm-up on the QA fit's training records, or (None, None)."""
+def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[Any], out_dir: Path,
+               ) -> tuple[Any, Any, str | None]:
+    """(trainer, datamodule, resume checkpoint) of the reconstruction warm-up on the QA fit's training records, or
+    (None, None, None). Its checkpoints live in ``<artifact>.ckpt/recon/``."""
     from gag_lightning.data.recon import ReconDataModule
 
     node = cfg.gag
     steps = int(node.get("recon_steps", 0) or 0)
     if steps <= 0:
-        return None, None
+        return None, None, None
     recon_dm = ReconDataModule(datamodule.open_bank(), tokenizer, positions=datamodule.positions["train"],
                                max_length=int(node.max_length), batch_size=int(node.batch_size),
                                num_workers=int(node.get("num_workers", 0)),
                                enable_thinking=bool(node.get("enable_thinking", False)),
-                               placeholder_id=datamodule.placeholder_id)
+                               placeholder_id=datamodule.placeholder_id, seed=int(cfg.seed))
     recon_dm.setup("fit")
-    trainer = build_trainer(cfg, "gag", [], loggers, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
-    return trainer, recon_dm
+    checkpoint = stage_checkpoint(cfg, out_dir, monitor=None, subdir="recon")
+    trainer = build_trainer(cfg, "gag", [checkpoint], loggers, max_steps=steps, limit_val_batches=0,
+                            num_sanity_val_steps=0)
+    return trainer, recon_dm, resume_path(checkpoint, "gag-recon")
+
+
+def adapter_bytes(folder: str | Path) -> int:
+    """On-disk size of an adapter folder's weights and config."""
+    folder = Path(folder)
+    return sum((folder / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+               if (folder / name).is_file())
+
+
+def trained_adapter(config: AdapterConfig, module: Any, trainer: L.Trainer, checkpoint: Any,
+                    path: Path | None) -> GAGAdapter:
+    """A CPU copy of the adapter: from the checkpoint at ``path`` (``weights_only`` load), else the final weights
+    (under FSDP read back from ``checkpoint``'s ``last.ckpt``, the full state Lightning gathered)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from gag_lightning.callbacks import trained_state
+
+    if path is None and isinstance(trainer.strategy, FSDPStrategy):
+        path = checkpoint.last_path
+    state = trained_state(path, "adapter.") if path is not None else module.adapter.state_dict()
+    adapter = GAGAdapter(config)
+    adapter.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
+    return adapter
 
 
 def run_gag(cfg: DictConfig) -> dict[str, Any]:
     from gag_lightning.data.gag import GAGDataModule
     from gag_lightning.models.encoders import SemanticTargetEncoder
     from gag_lightning.stages.gag import (
-        AdapterCheckpoint,
         GAGModule,
         fit_with_recon,
         kl_weight,
@@ -193,11 +235,12 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     manifest = read_manifest(out_dir)
     if manifest is not None:
         log.info("[gag] artifact already complete for this configuration: %s (skipping)", out_dir)
+        remove_checkpoints(cfg, out_dir)  # left by a kill between the manifest and their removal
         return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
     mem_override = node.get("memory_dir")
     train_bank = memory_bank_dir(cfg, node.get("train_split", "train"), mem_override)
     val_bank = memory_bank_dir(cfg, node.get("val_split", "test"), mem_override) if val_source == "test" else None
-    if out_dir.exists():  # an interrupted earlier attempt (no manifest): nothing in it is trusted
+    if out_dir.exists() and global_rank() == 0:  # an interrupted earlier attempt (no manifest): nothing is trusted
         shutil.rmtree(out_dir)
 
     base, tokenizer, placeholder, base_dir = load_base(cfg)
@@ -246,37 +289,42 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
                        kl_temperature=float(node.get("kl_temperature", 1.0)))
     has_val = "val" in datamodule.sets
     keep = str(node.get("checkpoint", "best")) if has_val else "last"
-    ckpt = AdapterCheckpoint(out_dir, monitor="val/loss", keep=keep)
+    if keep not in ("best", "last"):
+        raise GAGError(f"gag.checkpoint={keep!r}: choose best or last")
+    checkpoint = stage_checkpoint(cfg, out_dir, monitor="val/loss" if has_val else None)
     loggers = make_loggers(cfg, "gag")
     accum = int(node.trainer.get("accumulate_grad_batches", 1) or 1)
     overrides: dict[str, Any] = {}
-    if has_val:
+    if has_val:  # every val_every_n_steps optimizer steps, and the final step (StageCheckpoint)
         overrides.update(val_check_interval=max(1, int(node.get("val_every_n_steps", 50))) * accum,
                          check_val_every_n_epoch=None)
     else:
         overrides.update(limit_val_batches=0)
-    trainer = build_trainer(cfg, "gag", [ckpt], loggers, **overrides)
-    recon_trainer, recon_dm = _recon_fit(cfg, datamodule, tokenizer, loggers)
+    trainer = build_trainer(cfg, "gag", [checkpoint], loggers, **overrides)
+    recon_trainer, recon_dm, recon_resume = _recon_fit(cfg, datamodule, tokenizer, loggers, out_dir)
+    resume = resume_path(checkpoint, "gag")
     # the frozen base is in eval mode on purpose (GAGModule.train keeps it there)
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    fit_with_recon(module, trainer, datamodule, recon_trainer, recon_dm)
+    fit_with_recon(module, trainer, datamodule, recon_trainer, recon_dm, ckpt_path=resume,
+                   recon_ckpt_path=recon_resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if recon_trainer is not None:
         metrics.update({k: float(v) for k, v in recon_trainer.callback_metrics.items() if v.numel() == 1},
                        recon_steps=recon_trainer.global_step, recon_records=len(recon_dm.dataset))
-    if has_val and ckpt.last_validated_step != trainer.global_step:
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        metrics.update({k: float(v) for k, v in final.items()})
-        ckpt.consider(trainer, module, final.get("val/loss"), trainer.global_step)
-    if ckpt.best is not None:
-        metrics["best_val/loss"] = ckpt.best
+    best = checkpoint.best_path if keep == "best" else None
+    best_step = checkpoint_step(best) if best is not None else trainer.global_step
+    if checkpoint.best_score is not None:
+        metrics["best_val/loss"] = checkpoint.best_score
     finish_loggers(loggers)
-    if trainer.is_global_zero:  # rank 0 wrote the adapters; two ranks removing one folder would race
-        ckpt.discard_last(trainer.global_step)
-    adapter_bytes = AdapterCheckpoint.size_bytes(out_dir)
+    if trainer.is_global_zero:  # the kept adapter; the final one in last/ when that is another step's
+        save_adapter(trained_adapter(adapter.config, module, trainer, checkpoint, best), out_dir)
+        if best_step != trainer.global_step:
+            save_adapter(trained_adapter(adapter.config, module, trainer, checkpoint, None), out_dir / "last")
+    trainer.strategy.barrier("gag-export")
+    size = adapter_bytes(out_dir)
     base_bytes = weights_bytes(base_dir)
-    metrics.update(adapter_bytes=adapter_bytes, base_bytes=base_bytes,
-                   adapter_to_base=adapter_bytes / base_bytes if base_bytes else float("nan"),
+    metrics.update(adapter_bytes=size, base_bytes=base_bytes,
+                   adapter_to_base=size / base_bytes if base_bytes else float("nan"),
                    adapter_parameters=sum(p.numel() for p in adapter.parameters()),
                    train_records=len(datamodule.sets["train"]),
                    val_records=len(datamodule.sets["val"]) if has_val else 0)
@@ -289,11 +337,13 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
                                "memory_schema": schema.to_dict(), "base": str(base_dir),
                                "base_model": config.base_model, "init_adapter": str(init) if init else None},
                        metrics=metrics,
-                       extra={"kept": keep, "best_step": ckpt.best_step, "global_step": trainer.global_step,
-                              "run_dir": str(cfg.paths.output_dir), "stage_config": container(node)})
+                       extra={"kept": keep, "best_step": best_step, "global_step": trainer.global_step,
+                              "resumed_from": resume, "run_dir": str(cfg.paths.output_dir),
+                              "stage_config": container(node)})
+        remove_checkpoints(cfg, out_dir)
     trainer.strategy.barrier("gag-manifest")  # no rank moves on before the artifact is complete
     log.info("[gag] done: %s (adapter %.2f MB = %.2f%% of the base's %.1f MB; %s written last)", out_dir,
-             adapter_bytes / 2**20, 100 * adapter_bytes / max(base_bytes, 1), base_bytes / 2**20, MANIFEST)
+             size / 2**20, 100 * size / max(base_bytes, 1), base_bytes / 2**20, MANIFEST)
     return {"artifact": str(out_dir), **metrics}
 
 
@@ -303,5 +353,5 @@ def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
                          option="eval.adapter")
 
 
-__all__ = ["base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
+__all__ = ["adapter_bytes", "base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
            "weights_bytes"]

@@ -62,6 +62,8 @@ RUNTIME_ONLY: dict[str, str] = {
     "*.eval_batch_size": "validation batch size",
     "*.gradient_checkpointing": "recomputes activations instead of storing them: the same gradients",
     "*.num_sanity_val_steps": "a check before training, nothing trained",
+    "checkpoint_every_n_steps": "how often the trainer's resume state is saved (a resumed run is bit-identical)",
+    "keep_checkpoints": "whether the resume state is deleted after the artifact is finished",
     "trainer.accelerator": "device placement",
     "trainer.devices": "device placement",
     "trainer.num_nodes": "device placement",

@@ -83,7 +83,7 @@ class LoRAModule(ShardAwareClipping):
         require_fp32([p for p in self.model.parameters() if p.requires_grad], "the LoRA weights must train in fp32 but hold", "lora")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A Lightning checkpoint, if anyone enables one, holds the LoRA weights only, never the base."""
+        """A Lightning checkpoint holds the LoRA weights only, never the frozen base."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if "lora_" not in k]:
             del state[key]
