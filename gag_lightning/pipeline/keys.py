@@ -69,6 +69,8 @@ RUNTIME_ONLY: dict[str, str] = {
     "trainer.num_nodes": "device placement",
     "trainer.strategy": "device placement",
     "trainer.strategy.*": "device placement",
+    "trainer.deterministic": "deterministic kernels where torch has both kinds: the same computation up to float "
+                             "rounding, like another device (debug presets set it)",
     # outputs that are reports, not the artifact's weights
     "sft.report_before_after": "report.json of the sft artifact only (the expert does not depend on it)",
     "sft.sample_answers": "report.json of the sft artifact only",
@@ -416,7 +418,23 @@ def _stage_key(cfg: DictConfig, stage: str, memo: dict[str, Any]) -> dict[str, A
         _eval_key(cfg, key, memo)
     else:
         raise ValueError(f"no artifact key defined for stage '{stage}'")
+    if stage in TRAINED:
+        _debug_trainer_key(cfg, key)
     return key
+
+
+# stages whose Trainer takes a debug preset's `debug.trainer` flags (pipeline.trainer.build_trainer)
+TRAINED = ("dapt", "sft", "gag", "lora")
+
+
+def _debug_trainer_key(cfg: DictConfig, key: dict[str, Any]) -> None:
+    """A debug preset's Trainer flags (fast_dev_run, limit_*_batches, overfit_batches, epochs) change what a
+    training stage makes: in its key (and through the upstream hashes in every later stage's), only when set, so
+    the keys of ordinary runs are unchanged."""
+    node = OmegaConf.select(cfg, "debug.trainer", default=None)
+    flags = _strip(container(node), "debug.trainer") if node else {}
+    if flags:
+        key["debug_trainer"] = flags
 
 
 def artifact_dir(cfg: DictConfig, stage: str) -> Path:

@@ -131,12 +131,19 @@ def _whole_epochs(kwargs: dict[str, Any]) -> float | None:
     return None
 
 
+def debug_trainer(cfg: DictConfig) -> dict[str, Any]:
+    """``debug.trainer`` of a debug preset (``debug=fast_dev_run``, ...): Trainer flags for every training stage."""
+    node = OmegaConf.select(cfg, "debug.trainer", default=None)
+    return OmegaConf.to_container(node, resolve=True) if node else {}
+
+
 def build_trainer(cfg: DictConfig, stage: str, callbacks: list[L.Callback], loggers: list[Any],
                   **overrides: Any) -> L.Trainer:
-    """The stage's Trainer: hardware preset + stage budget (+ overrides); a fractional ``max_epochs`` (e.g. 1.5) is
-    honoured per rank (``FractionalEpochs``); with a ``ModelCheckpoint`` among the callbacks, checkpoints are
-    written atomically (``AtomicCheckpointIO``)."""
+    """The stage's Trainer: hardware preset + stage budget + a debug preset's ``debug.trainer`` (+ overrides); a
+    fractional ``max_epochs`` (e.g. 1.5) is honoured per rank (``FractionalEpochs``); with a ``ModelCheckpoint``
+    among the callbacks, checkpoints are written atomically (``AtomicCheckpointIO``)."""
     kwargs = trainer_kwargs(cfg, cfg[stage].get("trainer"))
+    kwargs.update(debug_trainer(cfg))
     fraction = _whole_epochs(kwargs)
     callbacks = list(callbacks)
     if fraction is not None and "max_steps" not in overrides:
@@ -166,6 +173,20 @@ def stage_checkpoint(cfg: DictConfig, artifact: Path, monitor: str | None, subdi
     """The ``StageCheckpoint`` of a stage writing ``artifact`` (``checkpoint_every_n_steps`` optimizer steps)."""
     folder = checkpoint_dir(artifact) / subdir if subdir else checkpoint_dir(artifact)
     return StageCheckpoint(folder, monitor=monitor, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps", 50)))
+
+
+def sharded_final_checkpoint(trainer: L.Trainer, checkpoint: StageCheckpoint, stage: str) -> Path:
+    """``last.ckpt``, where an FSDP export reads the final weights (the full state dict Lightning gathered).
+
+    The live parameters are shards; without that file (``fast_dev_run`` writes no checkpoint) there is nothing whole
+    to export, and the stage says so instead of failing on a missing file.
+    """
+    last = checkpoint.last_path
+    if not last.is_file():
+        why = "fast_dev_run writes no checkpoints" if trainer.fast_dev_run else "no checkpoint was written"
+        raise GAGError(f"[{stage}] under FSDP the export reads the final weights from {last}, and {why}: use "
+                       "debug=limit_batches (or another strategy) to check this stage under FSDP")
+    return last
 
 
 def resume_path(checkpoint: StageCheckpoint, stage: str) -> str | None:
