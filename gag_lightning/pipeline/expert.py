@@ -33,6 +33,7 @@ from gag_lightning.pipeline.trainer import (
     make_loggers,
     remove_checkpoints,
     resume_path,
+    sharded_final_checkpoint,
     stage_checkpoint,
 )
 from gag_lightning.prompts import PromptSettings, build_messages, encode_prompt, stop_token_ids
@@ -84,8 +85,8 @@ def _sample_answers(model: Any, tokenizer: Any, records: list, instruction: str,
 
 def export_expert(trainer: L.Trainer, module: Any, checkpoint: StageCheckpoint, out_dir: Path, tokenizer: Any,
                   init_path: Path, dtype: str) -> int:
-    """Save the best checkpoint's weights (the final ones without validation) as a Hugging Face folder; returns
-    the step they come from.
+    """Save the best checkpoint's weights (the final ones without validation, or without any checkpoint as under
+    ``fast_dev_run``) as a Hugging Face folder; returns the step they come from.
 
     On rank 0, from the checkpoint file (``weights_only`` load): under FSDP that is the full state dict Lightning
     gathered (``state_dict_type: full``), never the live sharded parameters; elsewhere the best weights are loaded
@@ -101,7 +102,8 @@ def export_expert(trainer: L.Trainer, module: Any, checkpoint: StageCheckpoint, 
                 raise GAGError("the expert export reads a full state dict from the checkpoint: use FSDPStrategy("
                                "state_dict_type='full') (hardware=fsdp does)")
             model = load_causal_lm(init_path, dtype)
-            state = state if state is not None else trained_state(checkpoint.last_path, "model.")
+            if state is None:
+                state = trained_state(sharded_final_checkpoint(trainer, checkpoint, "expert export"), "model.")
         if state is not None:
             model.load_state_dict(state, strict=True)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ from gag_lightning.pipeline.trainer import (
     make_loggers,
     remove_checkpoints,
     resume_path,
+    sharded_final_checkpoint,
     stage_checkpoint,
 )
 from gag_lightning.prompts import Placeholder, choose_placeholder
@@ -212,7 +213,7 @@ def trained_adapter(config: AdapterConfig, module: Any, trainer: L.Trainer, chec
     from gag_lightning.callbacks import trained_state
 
     if path is None and isinstance(trainer.strategy, FSDPStrategy):
-        path = checkpoint.last_path
+        path = sharded_final_checkpoint(trainer, checkpoint, "gag")
     state = trained_state(path, "adapter.") if path is not None else module.adapter.state_dict()
     adapter = GAGAdapter(config)
     adapter.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
@@ -312,6 +313,8 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({k: float(v) for k, v in recon_trainer.callback_metrics.items() if v.numel() == 1},
                        recon_steps=recon_trainer.global_step, recon_records=len(recon_dm.dataset))
     best = checkpoint.best_path if keep == "best" else None
+    if best is None:  # no best checkpoint (fast_dev_run writes none, or no validation ran): the final adapter
+        keep = "last"
     best_step = checkpoint_step(best) if best is not None else trainer.global_step
     if checkpoint.best_score is not None:
         metrics["best_val/loss"] = checkpoint.best_score

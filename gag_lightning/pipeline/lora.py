@@ -29,6 +29,7 @@ from gag_lightning.pipeline.trainer import (
     make_loggers,
     remove_checkpoints,
     resume_path,
+    sharded_final_checkpoint,
     stage_checkpoint,
 )
 
@@ -144,10 +145,11 @@ def _final_lora(trainer: Any, model: Any, checkpoint: Any, base_dir: Path, node:
     from gag_lightning.callbacks import trained_state
 
     fresh = get_peft_model(load_causal_lm(base_dir, node.get("model_dtype", "float32")), lora_config(node))
-    state = trained_state(checkpoint.last_path, "model.")
+    last = sharded_final_checkpoint(trainer, checkpoint, "lora")
+    state = trained_state(last, "model.")
     missing = fresh.load_state_dict(state, strict=False)
     if missing.unexpected_keys or any("lora_" in k for k in missing.missing_keys):
-        raise GAGError(f"{checkpoint.last_path} does not hold this LoRA's weights ({missing})")
+        raise GAGError(f"{last} does not hold this LoRA's weights ({missing})")
     return fresh
 
 
