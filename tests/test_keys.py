@@ -31,7 +31,7 @@ SPECIAL = {
     "*max_records": 3, "*max_train_records": 3, "*max_val_records": 3, "*max_blocks": 3, "*projector_hidden": 8,
 }
 # leaves that no stage of that configuration reads (shadowed by a literal of the experiment preset)
-DEAD = {"experiment=smoke": {"domain.budget.lora.lr"}}
+DEAD = {"experiment=smoke": {"domain.budget.lora.lr"}, "experiment=smoke debug=overfit_batches": {"domain.budget.lora.lr"}}
 # settings under which conditionally read leaves are read: the KL term (kl_temperature) and the dense RAG
 # retriever (the router encoder)
 READ_ALL = ["gag.loss_weights.kl=0.5", "gag.recon_steps=2", "eval.rag.retriever=dense",
@@ -93,9 +93,9 @@ def finished(tmp_path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("preset", ["", "experiment=smoke"])
+@pytest.mark.parametrize("preset", ["", "experiment=smoke", "experiment=smoke debug=overfit_batches"])
 def test_every_config_leaf_is_keyed_or_allowlisted(compose_cfg, finished, preset):
-    overrides = [preset] if preset else []
+    overrides = preset.split()
     scenarios = [compose_cfg(overrides), compose_cfg([*overrides, *READ_ALL])]
     reference = [_hashes(cfg) for cfg in scenarios]
     assert reference[0] == {stage: config_hash(stage_key(scenarios[0], stage)) for stage in STAGES}
