@@ -185,9 +185,9 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_saved_weights_get_the_umask_permissions(tmp_path, tiny_expert_dir, mask):
-    from gag_lightning.callbacks import HFExportCallback
     from gag_lightning.models.adapter import ADAPTER_WEIGHTS
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
+    from gag_lightning.pipeline.expert import export_expert
     from gag_lightning.routing.prototypes import TENSORS_FILE, PrototypeBank
 
     want = 0o666 & ~mask
@@ -195,9 +195,9 @@ def test_saved_weights_get_the_umask_permissions(tmp_path, tiny_expert_dir, mask
         adapter = _adapter(tmp_path / "adapter")
         protos = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
         bank = PrototypeBank("demo", protos, "enc", dim=4, k=3, pool_size=3).save(tmp_path / "bank")
-        export = HFExportCallback(tmp_path / "export", load_tokenizer(tiny_expert_dir))
-        trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda *_: None))
-        export._export(trainer, SimpleNamespace(model=load_causal_lm(tiny_expert_dir)))
+        trainer = SimpleNamespace(is_global_zero=True, global_step=0, strategy=SimpleNamespace(barrier=lambda *_: None))
+        export_expert(trainer, SimpleNamespace(model=load_causal_lm(tiny_expert_dir)), SimpleNamespace(best_path=None),
+                      tmp_path / "export", load_tokenizer(tiny_expert_dir), tiny_expert_dir, "float32")
     assert _mode(adapter / ADAPTER_WEIGHTS) == want
     assert _mode(bank / TENSORS_FILE) == want
     assert _mode(tmp_path / "export" / "model.safetensors") == want
