@@ -57,3 +57,31 @@ def test_shared_prefix_forward_matches_the_plain_forward(tiny_expert_dir, lora):
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert results[0][1].abs().sum() > 0
     assert torch.allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_answer_token_logits_give_the_full_forward_loss_and_gradients(tiny_expert_dir, share):
+    """The output head applied only at answer positions: the same loss and gradients as `answer_nll` on the
+    full logits, and exactly as many logits as answer tokens."""
+    from gag_lightning.models.loading import load_causal_lm
+    from gag_lightning.models.losses import token_nll
+    from gag_lightning.models.shared_prefix import answer_token_logits
+
+    model = load_causal_lm(tiny_expert_dir, "float32")
+    model.train()
+    batch = _batch(model.config.vocab_size)
+    results = []
+    for compact in (False, True):
+        model.zero_grad()
+        if compact:
+            logits, targets = answer_token_logits(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["labels"], share)
+            assert logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
+            loss = token_nll(logits, targets)
+        else:
+            loss = answer_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"])
+        loss.backward()
+        results.append((float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)

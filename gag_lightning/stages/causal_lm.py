@@ -15,8 +15,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from gag_lightning.errors import GAGError
-from gag_lightning.models.losses import answer_nll
-from gag_lightning.models.shared_prefix import causal_lm_logits
+from gag_lightning.models.losses import token_nll
+from gag_lightning.models.shared_prefix import answer_token_logits
 from gag_lightning.stages.clipping import ShardAwareClipping
 
 
@@ -77,9 +77,9 @@ class CausalLMModule(ShardAwareClipping):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
-        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"], labels, self.share_prefix)
-        n_tokens = int((labels[:, 1:] != -100).sum())
-        return answer_nll(logits, labels), n_tokens
+        logits, targets = answer_token_logits(self.model, batch["input_ids"], batch["attention_mask"], labels,
+                                              self.share_prefix)
+        return token_nll(logits, targets), int(targets.numel())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._loss(batch)

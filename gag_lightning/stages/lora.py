@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from gag_lightning.errors import GAGError
-from gag_lightning.models.losses import answer_nll
-from gag_lightning.models.shared_prefix import causal_lm_logits
+from gag_lightning.models.losses import token_nll
+from gag_lightning.models.shared_prefix import answer_token_logits
 from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
 from gag_lightning.stages.clipping import ShardAwareClipping
 
@@ -54,10 +54,10 @@ class LoRAModule(ShardAwareClipping):
         self._last_logged_step = -1
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                  self.share_prefix)
+        logits, targets = answer_token_logits(self.model, batch["input_ids"], batch["attention_mask"],
+                                              batch["labels"], self.share_prefix)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = answer_nll(logits, batch["labels"])
+            loss = token_nll(logits, targets)
         self._window.append(loss.detach())
         return loss
 
