@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import re
@@ -29,6 +28,7 @@ from gag_lightning.artifacts import atomic_write_text, config_hash, read_manifes
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.routing.encoder import QueryEncoder
 from gag_lightning.routing.metrics import DEFAULT_DATASET_ROUTES, gold_routes, plot_confusion, routing_report
+from gag_lightning.routing.profiles import expand_router
 from gag_lightning.routing.prototypes import BANK_VERSION, JSON_FILE, PrototypeBank, build_prototype_bank
 from gag_lightning.routing.router import PrototypeRouter, RouteDecision
 
@@ -53,7 +53,7 @@ REPORT_FILE = "routing_report.json"
 CONFUSION_FILE = "confusion.png"
 ROUTES_FILE = "routes.jsonl"
 ANSWER_MODULE = "gag_lightning.routing.answer"
-ANSWER_METRICS_FILE = "metrics.json"  # written by routed answering (answer.score_routed) into the output dir
+ANSWER_METRICS_FILE = "metrics.json"  # written by routed answering (answer.score_systems) into the output dir
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -323,7 +323,7 @@ def build_router(
 ) -> tuple[PrototypeRouter, dict[str, BankInfo]]:
     """Every configured route's bank (built if missing) plugged into one router."""
     rc = cfg.router
-    specs = route_specs(rc) if specs is None else specs
+    specs = route_specs(expand_router(cfg)) if specs is None else specs
     infos = {
         s.name: ensure_bank(
             encoder,
@@ -507,18 +507,8 @@ def evaluate_routing(
 
 
 def answering_available() -> bool:
-    """Routed answering ships with the GAG injection stage as ``gag_lightning.routing.answer``."""
+    """Routed answering (``gag_lightning.routing.answer``) is part of this build."""
     return importlib.util.find_spec(ANSWER_MODULE) is not None
-
-
-def _answer(cfg: DictConfig, questions: list[str], routes: list[str], **extra: Any) -> Any:
-    """Call ``answer_routed(cfg, questions, routes)``, passing the extras it declares (records, out_dir)."""
-    module = importlib.import_module(ANSWER_MODULE)
-    fn = module.answer_routed
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in extra.items() if takes_any or k in params}
-    return fn(cfg, questions, routes, **kwargs)
 
 
 def _queries(cfg: DictConfig) -> list[str]:
@@ -537,15 +527,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mode = str(cfg.get("mode", "eval"))
     if mode not in ("eval", "query", "answer"):
         raise GAGError(f"mode is '{mode}'; choose eval, query or answer")
-    if mode == "answer" and not answering_available():
-        raise GAGError(
-            "mode=answer needs routed answering (gag_lightning.routing.answer.answer_routed: a shared frozen base "
-            "plus each domain's expert and GAG injection adapter), which comes with the GAG injection stage and is "
-            "not in this build yet. Routing itself works: use mode=eval or mode=query."
-        )
     questions = _queries(cfg) if mode == "query" else []
     rc = cfg.router
-    specs = route_specs(rc)
+    specs = route_specs(expand_router(cfg))
     t0 = time.perf_counter()
     encoder = load_router_encoder(
         cfg.model.encoders.router,
@@ -571,18 +555,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             {"query": q, "route": d.domain, "scores": d.scores, "fell_back": d.fell_back}
             for q, d in zip(questions, decisions, strict=True)
         ]
-        if answering_available():
-            answers = _answer(cfg, questions, [d.domain for d in decisions], out_dir=out_dir)
-            result["answers"] = answers
-            if isinstance(answers, Sequence) and not isinstance(answers, str):
-                for q, d, a in zip(questions, decisions, answers, strict=False):
-                    _console().print(f"[bold]{d.domain}[/bold] | {q}\n  -> {a}")
-        else:
-            _console().print(
-                "[yellow]no answer: answering a routed query needs the GAG injection stage "
-                f"({ANSWER_MODULE}.answer_routed), which is not in this build yet; the route and scores above "
-                "are final.[/yellow]"
-            )
+        from gag_lightning.routing.answer import answer_routed
+
+        answers = answer_routed(cfg, questions, [d.domain for d in decisions])
+        result["answers"] = answers
+        for q, d, a in zip(questions, decisions, answers, strict=True):
+            _console().print(f"[bold]{d.domain}[/bold] | {q}\n  -> {a}")
         return result
 
     folders = {n: str(i.folder) for n, i in infos.items()}
@@ -594,23 +572,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     result["report"] = str(out_dir / REPORT_FILE)
     if mode == "answer":
-        result["answers"] = _answer(
-            cfg,
-            [r.question for r in records],
-            [d.domain for d in decisions],
-            records=records,
-            out_dir=out_dir,
-        )
+        from gag_lightning.routing.answer import ANSWER_REPORT, answer_mixed
+
+        gold = gold_routes([r.dataset_name for r in records], dataset_routes(specs))
+        answer_report, answers = answer_mixed(cfg, records, [d.domain for d in decisions], gold, out_dir)
         result["answer_metrics"] = answer_metrics(out_dir / ANSWER_METRICS_FILE)
+        result["answer_report"] = str(out_dir / ANSWER_REPORT)
+        result["answers"] = answers["routed"]
+        result["memory"] = answer_report["memory"]
+        result["routed_minus_oracle_fact_acc"] = answer_report["routed_minus_oracle_fact_acc"]
     return result
 
 
-def answer_metrics(path: Path) -> dict[str, dict[str, Any]]:
-    """Per-dataset answer quality from the routed answering's metrics.json: fact_acc (n/a = None for sets
-    without gold aliases) with its CI beside EM and BERTScore F1 / STS; {} when answering wrote none."""
+def answer_metrics(path: Path, system: str = "routed") -> dict[str, dict[str, Any]]:
+    """Per-dataset answer quality of one system (routed, oracle, base) from the answering's metrics.json:
+    fact_acc (n/a = None for sets without gold aliases) with its CI beside EM and BERTScore F1 / STS; {} when
+    answering wrote none."""
     if not path.is_file():
         return {}
-    routed = (json.loads(path.read_text(encoding="utf-8")).get("systems") or {}).get("routed") or {}
+    routed = (json.loads(path.read_text(encoding="utf-8")).get("systems") or {}).get(system) or {}
     keys = ("n", "fact_acc", "fact_acc_ci", "em", "bertscore_f1", "sts")
     out = {name: {k: stats.get(k) for k in keys} for name, stats in (routed.get("groups") or {}).items()}
     if routed:
