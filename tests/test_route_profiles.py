@@ -195,3 +195,41 @@ def test_three_routes_config_expands_each_preset(compose_cfg) -> None:
         table = dataset_routes(specs)
         assert table["demo"] == "demo" and table["demo_bio"] == "demo_bio" and table["nq"] == "general"
         assert str(cfg.router.test_set).endswith("demo_bio/mixed_online_3routes.jsonl")
+
+
+def test_a_mixed_batch_is_answered_in_one_base_pass(answerer, tiny_two_domains, monkeypatch) -> None:
+    """The server's path: the experts write their rows' memories, then one base pass answers every route's rows,
+    each with its own route's prompt and adapter, as if each route were answered on its own."""
+    from gag_lightning.routing import answer as answer_module
+
+    qs, routes = [], []
+    for d in DOMAINS:
+        for q, _, _ in _trained_prompts(tiny_two_domains, d, answerer.tokenizer, n=3):
+            qs.append(q)
+            routes.append(d)
+    qs += ["What is the capital of France?", "Who wrote Hamlet?"]
+    routes += ["general", "general"]
+    order = [4, 0, 6, 3, 1, 7, 5, 2]  # routes interleaved in the batch
+    qs, routes = [qs[i] for i in order], [routes[i] for i in order]
+
+    calls: list[tuple[object, list]] = []
+    real = answer_module.generate_batched
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        calls.append((model, [list(p) for p in prompts]))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(answer_module, "generate_batched", spy)
+    mixed = answerer.answer_mixed_batch(qs, routes)
+    monkeypatch.undo()
+    base_calls = [c for c in calls if c[0] is answerer.base]
+    assert len(base_calls) == 1 and len(calls) == 3  # two experts' background passes, one base pass
+    expected = [answerer.answer_prompts(r, [q])[0] for q, r in zip(qs, routes, strict=True)]
+    assert base_calls[0][1] == expected
+    assert [a.route for a in mixed] == routes
+    alone = answerer.answer(qs, routes)  # each route in a pass of its own
+    assert [a.text for a in mixed] == [a.text for a in alone]
+    assert [a.background for a in mixed] == [a.background for a in alone]
+    short = answerer.answer_mixed_batch(qs, routes, [2] * len(qs))
+    assert all(a.new_tokens <= 2 for a in short)
+    assert all(not a.finished for a, b in zip(short, mixed, strict=True) if b.new_tokens > 2)

@@ -284,6 +284,80 @@ class RouteAnswerer:
                 out[i] = ans
         return [a for a in out if a is not None]
 
+    def answer_mixed_batch(self, questions: Sequence[str], routes: Sequence[str],
+                           max_new_tokens: Sequence[int | None] | None = None) -> list[RoutedAnswer]:
+        """Answer a batch whose questions go to several routes with **one** pass of the shared base.
+
+        Each domain route's expert writes its rows' backgrounds and memories (one pass per expert, the experts
+        differ); then the base decodes every row together, each row with its own route's prompt and its own
+        route's adapter applied to its memories (the general rows: plain embeddings). Greedy decoding with
+        history-only logits processing is prefix-consistent, so a row's answer is cut at its own length (its
+        ``max_new_tokens``, else its route's). The server answers request batches this way; ``route.py`` answers
+        each route's queries in a pass of their own (``answer_route``).
+        """
+        import warnings
+
+        from gag_lightning.stages.gag import injected_embeddings
+
+        n = len(questions)
+        if len(routes) != n:
+            raise GAGError(f"{n} questions but {len(routes)} routes")
+        if not n:
+            return []
+        limits = [int((max_new_tokens or [None] * n)[i] or self.profiles[r].answer_max_new_tokens)
+                  for i, r in enumerate(routes)]
+        prompts: list[list[int]] = [[] for _ in range(n)]
+        memory_of: dict[int, torch.Tensor] = {}
+        backgrounds: dict[int, str] = {}
+        by_route: dict[str, list[int]] = defaultdict(list)
+        for i, route in enumerate(routes):
+            if route not in self.profiles:
+                raise GAGError(f"route '{route}' is not configured (routes: {self.names})")
+            by_route[route].append(i)
+        for route, rows in by_route.items():
+            profile = self.profiles[route]
+            items = self._items(profile, [questions[i] for i in rows])
+            if profile.is_general:
+                rendered = self.harness(route).prompts("base", items)
+            else:
+                domain = self.route(route)
+                bg_prompts, gens = domain.backgrounds([it.question for it in items], self.background_batch)
+                memories = domain.memories(bg_prompts, gens, self.compression_batch)
+                rendered = self.harness(route, memories).prompts("gag", items)
+                for j, i in enumerate(rows):
+                    memory_of[i], backgrounds[i] = memories[j], gens[j].text
+            for i, p in zip(rows, rendered, strict=True):
+                prompts[i] = p
+        adapters = {r: self.route(r).adapter for r in by_route if not self.profiles[r].is_general}
+        base, gag_id = self.base, self.gag_id
+
+        def embed(ids: torch.Tensor, mask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+            out = base.get_input_embeddings()(ids)
+            for route, adapter in adapters.items():
+                sel = [j for j, r in enumerate(rows) if routes[r] == route]
+                if sel:
+                    memory = torch.stack([memory_of[rows[j]] for j in sel]).float()
+                    index = torch.tensor(sel, device=ids.device)
+                    out[index] = injected_embeddings(base, adapter, ids[index], memory, gag_id)[0].to(out.dtype)
+            return out
+
+        decoding = replace(self.decoding_template, max_new_tokens=max(limits),
+                           batch_size=max(n, self.decoding_template.batch_size))
+        stops = stop_token_ids(self.tokenizer, getattr(self.base, "generation_config", None))
+        with warnings.catch_warnings():  # prompts go in as embeddings: penalties see only new tokens (harness)
+            warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
+            gens = generate_batched(self.base, self.tokenizer, prompts, decoding, stops, embed_fn=embed,
+                                    share_prefix=self.share_prefix)
+        out = []
+        for i, gen in enumerate(gens):
+            tokens, finished = list(gen.token_ids), bool(gen.finished)
+            if len(tokens) > limits[i]:
+                tokens, finished = tokens[: limits[i]], False
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip() if tokens != gen.token_ids \
+                else gen.text
+            out.append(RoutedAnswer(text, routes[i], backgrounds.get(i), finished, len(tokens)))
+        return out
+
     def memory(self) -> dict[str, Any]:
         """Weights held by this answerer: one base, each loaded route's expert and adapter."""
         experts = {n: _param_bytes(r.expert) for n, r in self.routes.items()}
