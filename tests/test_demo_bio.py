@@ -53,11 +53,11 @@ def test_three_route_online_set_and_pools() -> None:
     assert all(r.answers for r in mixed)
     demo_test = [r.question for r in read_qa(ROOT / "data" / "demo" / "test.jsonl")]
     assert [r.question for r in mixed if r.dataset_name == "demo"] == demo_test
-    pools = {name: set(read_router_pool(path)) for name, path in {
-        "general": ROOT / "data" / "demo" / "router" / "general.jsonl",
-        "demo": ROOT / "data" / "demo" / "router" / "demo.jsonl",
-        "demo_bio": BIO / "router" / "demo_bio.jsonl"}.items()}
-    assert len(pools["demo_bio"]) == 152
+    pools = {name: {q for path in paths for q in read_router_pool(path)} for name, paths in {
+        "general": [ROOT / "data" / "demo" / "router" / "general.jsonl"],
+        "demo": [ROOT / "data" / "demo" / "router" / "demo.jsonl", ROOT / "data" / "demo" / "train.jsonl"],
+        "demo_bio": [BIO / "router" / "demo_bio.jsonl", BIO / "train.jsonl"]}.items()}
+    assert len(pools["demo_bio"]) == 152 + 112
     online = {r.question for r in mixed}
     assert all(not online & pool for pool in pools.values())
     two = read_mixed(BIO / "mixed_online.jsonl")
@@ -72,9 +72,9 @@ def test_demo_bio_preset_composes(compose_cfg, model) -> None:
 
     cfg = compose_cfg(["domain=demo_bio", f"model={model}"])
     assert cfg.domain.name == "demo_bio" and list(cfg.domain.dataset_names) == ["demo_bio"]
-    for key in ("knowledge_base", "train", "test", "test_seen_fact", "test_kb_only", "router_pool", "general_pool",
-                "mixed_test"):
+    for key in ("knowledge_base", "train", "test", "test_seen_fact", "test_kb_only", "general_pool", "mixed_test"):
         assert Path(cfg.domain[key]).is_file(), key
+    assert [Path(p).name for p in cfg.domain.router_pool] == ["demo_bio.jsonl", "train.jsonl"]
     assert memory_splits(cfg) == ["train", "test_seen_fact", "test_kb_only"]
     assert cfg.memory.generation.max_new_tokens == 40 and cfg.eval.decoding.max_new_tokens == 28
     assert cfg.memory.generation.system_prompt.startswith("You are an expert of the Tesselmoor Adjuvant Institute")

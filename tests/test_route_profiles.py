@@ -189,9 +189,11 @@ def test_three_routes_config_expands_each_preset(compose_cfg) -> None:
         specs = route_specs(expand_router(cfg))
         assert [s.name for s in specs] == ["general", "demo", "demo_bio"]
         pools = {s.name: s.pool for s in specs}
-        assert pools["demo_bio"] == ROOT / "data" / "demo_bio" / "router" / "demo_bio.jsonl"
-        assert pools["demo"] == ROOT / "data" / "demo" / "router" / "demo.jsonl"
-        assert pools["general"] == ROOT / "data" / "demo" / "router" / "general.jsonl"
+        # a domain's offline pool: its router-only phrasings and its train questions (its own preset's)
+        data = ROOT / "data"
+        assert pools["demo_bio"] == (data / "demo_bio" / "router" / "demo_bio.jsonl", data / "demo_bio" / "train.jsonl")
+        assert pools["demo"] == (data / "demo" / "router" / "demo.jsonl", data / "demo" / "train.jsonl")
+        assert pools["general"] == (data / "demo" / "router" / "general.jsonl",)
         table = dataset_routes(specs)
         assert table["demo"] == "demo" and table["demo_bio"] == "demo_bio" and table["nq"] == "general"
         assert str(cfg.router.test_set).endswith("demo_bio/mixed_online_3routes.jsonl")

@@ -439,8 +439,9 @@ knowledge base only).
   "output", "answers"}}`, split exactly like the demo: `test_seen_fact` ({N_SEEN_TEST}) asks facts train teaches
   (each with {TRAIN_PHRASINGS} train phrasings) with a phrasing train never uses; `test_kb_only` ({N_KB_ONLY}) asks
   facts no train question asks (the knowledge base is their only source); `test.jsonl` is their union.
-- `router/demo_bio.jsonl`: `{{"question"}}` offline pool of the PPR bank; every question names the institute or
-  one of its adjuvants. The general pool is the demo's (`data/demo/router/general.jsonl`).
+- `router/demo_bio.jsonl`: `{{"question"}}` router-only phrasings; every question names the institute or one of
+  its adjuvants. With the train questions they make the route's offline PPR pool (the preset's `router_pool`).
+  The general pool is the demo's (`data/demo/router/general.jsonl`).
 - `mixed_online.jsonl`: the demo's `general_qa.jsonl` plus this test (`dataset_name: "demo_bio"`): the two-route
   set of `python route.py domain=demo_bio`.
 - `mixed_online_3routes.jsonl`: the **three-route** online set, general + demo test (`dataset_name: "demo"`) +

@@ -119,11 +119,12 @@ def read_qa(path: str | Path) -> list[QARecord]:
 
 
 def read_router_pool(path: str | Path) -> list[str]:
-    """Router offline pool: `{"question": str, ...}` per line."""
+    """Router offline pool: `{"question": str, ...}` per line; a domain QA file counts too, by its `input`."""
     path = Path(path)
     questions = []
     for lineno, obj in iter_jsonl(path):
-        questions.append(_string_field(path, lineno, obj, "question", required=True))
+        key = "input" if "question" not in obj and "input" in obj else "question"
+        questions.append(_string_field(path, lineno, obj, key, required=True))
     if not questions:
         raise RecordError(path, None, None, "the router pool holds no questions")
     return questions

@@ -112,10 +112,11 @@ def encoder_slug(fingerprint: str) -> str:
 # --------------------------------------------------------------------------------------------- route specs
 @dataclass(frozen=True)
 class RouteSpec:
-    """One configured route: its offline pool (or a prebuilt bank) and the test datasets it owns."""
+    """One configured route: its offline pool (one JSON-lines file or several, read in turn; or a prebuilt bank)
+    and the test datasets it owns."""
 
     name: str
-    pool: Path | None
+    pool: tuple[Path, ...] | None
     bank: Path | None
     dataset_names: tuple[str, ...]
 
@@ -152,10 +153,11 @@ def route_specs(router_cfg: Mapping[str, Any], general: str = "general") -> list
         names = entry.get("dataset_names") or []
         if isinstance(names, str):
             names = [names]
+        pools = [pool] if isinstance(pool, str | Path) else list(pool or [])
         specs.append(
             RouteSpec(
                 name=name,
-                pool=Path(str(pool)) if pool else None,
+                pool=tuple(Path(str(p)) for p in pools) or None,
                 bank=Path(str(bank)) if bank else None,
                 dataset_names=tuple(str(n) for n in names),
             )
@@ -240,11 +242,13 @@ def ensure_bank(
         return BankInfo(bank, spec.bank, False, time.perf_counter() - t0)
 
     assert spec.pool is not None
-    if not spec.pool.is_file():
-        raise GAGError(f"router pool of route '{spec.name}' not found: {spec.pool}")
+    for path in spec.pool:
+        if not path.is_file():
+            raise GAGError(f"router pool of route '{spec.name}' not found: {path}")
+    digests = [_file_sha256(p) for p in spec.pool]
     settings = {
         "route": spec.name,
-        "pool_sha256": _file_sha256(spec.pool),
+        "pool_sha256": digests[0] if len(digests) == 1 else digests,  # one file: the key banks always had
         "k": int(k),
         "n_init": int(n_init),
         "seed": int(seed),
@@ -269,7 +273,7 @@ def ensure_bank(
 
     from gag_lightning.data.records import read_router_pool
 
-    texts = read_router_pool(spec.pool)
+    texts = [q for path in spec.pool for q in read_router_pool(path)]
     pool_size = len(texts)
     if max_queries is not None and pool_size > max_queries:
         # Sample before encoding (same seed as k-means): a 1M-query pool is never embedded in full.
@@ -292,7 +296,7 @@ def ensure_bank(
             "seed": seed,
             "max_queries": max_queries,
             "n_clustered": len(texts),
-            "pool": str(spec.pool),
+            "pool": ", ".join(str(p) for p in spec.pool),
             "pool_sha256": settings["pool_sha256"],
         },
     )
@@ -307,7 +311,7 @@ def ensure_bank(
         folder,
         stage="router_bank",
         config=settings,
-        inputs={"pool": str(spec.pool), "encoder_fingerprint": encoder.fingerprint},
+        inputs={"pool": [str(p) for p in spec.pool], "encoder_fingerprint": encoder.fingerprint},
         metrics={
             "k": bank.k,
             "pool_size": pool_size,
