@@ -63,6 +63,7 @@ __all__ = [
     "answer_mixed",
     "answer_routed",
     "fact_aliases",
+    "greedy_shrinking",
     "memory_report",
     "resolve_profiles",
     "score_routed",
@@ -289,14 +290,12 @@ class RouteAnswerer:
         """Answer a batch whose questions go to several routes with **one** pass of the shared base.
 
         Each domain route's expert writes its rows' backgrounds and memories (one pass per expert, the experts
-        differ); then the base decodes every row together, each row with its own route's prompt and its own
-        route's adapter applied to its memories (the general rows: plain embeddings). Greedy decoding with
-        history-only logits processing is prefix-consistent, so a row's answer is cut at its own length (its
-        ``max_new_tokens``, else its route's). The server answers request batches this way; ``route.py`` answers
-        each route's queries in a pass of their own (``answer_route``).
+        differ, in parallel threads); then the base decodes every row together (``greedy_shrinking``: a row leaves the batch when it
+        stops or reaches its own length, its ``max_new_tokens`` else its route's), each row with its own route's
+        prompt and its own route's adapter applied to its memories (the general rows: plain embeddings). The
+        server answers request batches this way; ``route.py`` answers each route's queries in a pass of their own
+        through the eval harness (``answer_route``).
         """
-        import warnings
-
         from gag_lightning.stages.gag import injected_embeddings
 
         n = len(questions)
@@ -314,7 +313,7 @@ class RouteAnswerer:
             if route not in self.profiles:
                 raise GAGError(f"route '{route}' is not configured (routes: {self.names})")
             by_route[route].append(i)
-        for route, rows in by_route.items():
+        def prepare(route: str, rows: list[int]) -> None:
             profile = self.profiles[route]
             items = self._items(profile, [questions[i] for i in rows])
             if profile.is_general:
@@ -328,7 +327,25 @@ class RouteAnswerer:
                     memory_of[i], backgrounds[i] = memories[j], gens[j].text
             for i, p in zip(rows, rendered, strict=True):
                 prompts[i] = p
-        adapters = {r: self.route(r).adapter for r in by_route if not self.profiles[r].is_general}
+
+        domain_routes = [r for r in by_route if not self.profiles[r].is_general]
+        for route in domain_routes:
+            self.route(route)  # load before the threads start
+        if len(domain_routes) > 1:
+            # each expert is its own model: their passes run side by side (one thread per route); on a small CPU
+            # one pass's Python overhead overlaps the other's matrix products
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(domain_routes)) as pool:
+                for future in [pool.submit(prepare, r, by_route[r]) for r in domain_routes]:
+                    future.result()
+        else:
+            for route in domain_routes:
+                prepare(route, by_route[route])
+        for route in by_route:
+            if self.profiles[route].is_general:
+                prepare(route, by_route[route])
+        adapters = {r: self.route(r).adapter for r in domain_routes}
         base, gag_id = self.base, self.gag_id
 
         def embed(ids: torch.Tensor, mask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
@@ -341,22 +358,11 @@ class RouteAnswerer:
                     out[index] = injected_embeddings(base, adapter, ids[index], memory, gag_id)[0].to(out.dtype)
             return out
 
-        decoding = replace(self.decoding_template, max_new_tokens=max(limits),
-                           batch_size=max(n, self.decoding_template.batch_size))
         stops = stop_token_ids(self.tokenizer, getattr(self.base, "generation_config", None))
-        with warnings.catch_warnings():  # prompts go in as embeddings: penalties see only new tokens (harness)
-            warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
-            gens = generate_batched(self.base, self.tokenizer, prompts, decoding, stops, embed_fn=embed,
-                                    share_prefix=self.share_prefix)
-        out = []
-        for i, gen in enumerate(gens):
-            tokens, finished = list(gen.token_ids), bool(gen.finished)
-            if len(tokens) > limits[i]:
-                tokens, finished = tokens[: limits[i]], False
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip() if tokens != gen.token_ids \
-                else gen.text
-            out.append(RoutedAnswer(text, routes[i], backgrounds.get(i), finished, len(tokens)))
-        return out
+        gens = greedy_shrinking(self.base, self.tokenizer, prompts, self.decoding_template, stops, limits,
+                                embed_fn=embed, share_prefix=self.share_prefix)
+        return [RoutedAnswer(g.text, routes[i], backgrounds.get(i), g.finished, len(g.token_ids))
+                for i, g in enumerate(gens)]
 
     def memory(self) -> dict[str, Any]:
         """Weights held by this answerer: one base, each loaded route's expert and adapter."""
@@ -366,6 +372,90 @@ class RouteAnswerer:
         return {"base_copies": 1, "base_bytes": base, "expert_bytes": experts, "adapter_bytes": adapters,
                 "one_base_plus_routes_bytes": base + sum(experts.values()) + sum(adapters.values()),
                 "rss_before_models_bytes": self.rss_before_models}
+
+
+@torch.inference_mode()
+def greedy_shrinking(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
+                     stop_ids: Sequence[int], limits: Sequence[int], embed_fn: Any = None,
+                     share_prefix: bool = True) -> list[Any]:
+    """Greedy decoding of one batch in which a row leaves as soon as it stops or reaches its own length.
+
+    ``generate_batched``'s fixed batches compute every row until the longest one ends, and its continuous
+    batching needs history-free logits processing; here the batch shrinks instead (the KV cache keeps the rows
+    still going), and the repetition penalty and n-gram blocking see each row's generated tokens exactly as
+    ``generate`` does when the prompt goes in as embeddings (the eval harness's decoding). One request batch
+    of a server mixes short and long answers: the rows that are done stop costing compute.
+    """
+    import inspect
+
+    from transformers import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    from gag_lightning.eval.generation import Generation, shared_prefix_batch, shared_prefix_len
+
+    if decoding.do_sample:
+        raise GAGError("greedy_shrinking decodes greedily; do_sample must be false")
+    n = len(prompts)
+    if not n:
+        return []
+    processors = LogitsProcessorList()
+    if decoding.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(decoding.repetition_penalty)))
+    if decoding.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(int(decoding.no_repeat_ngram_size)))
+    stop_set = {int(t) for t in stop_ids}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop_ids[0])
+    device = next(model.parameters()).device
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def forward(cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out = model(use_cache=True, logits_to_keep=1, **({cache_name: cache} if cache is not None else {}), **kwargs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits[:, -1, :].float(), cache
+
+    shared = shared_prefix_len(prompts) if share_prefix and n > 1 else 0
+    ids, mask = shared_prefix_batch(prompts, shared, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    embeds = (embed_fn or (lambda i, m, r: model.get_input_embeddings()(i)))(ids, mask, list(range(n)))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = None
+    if shared:
+        _, cache = forward(inputs_embeds=embeds[:1, :shared], attention_mask=mask[:1, :shared],
+                           position_ids=positions[:1, :shared])
+        cache.batch_repeat_interleave(n)
+    logits, cache = forward(cache, inputs_embeds=embeds[:, shared:], attention_mask=mask,
+                            position_ids=positions[:, shared:])
+    history = torch.zeros((n, 0), dtype=torch.long, device=device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    finished = [False] * n
+    active = list(range(n))
+    for _ in range(max(limits)):
+        nxt = processors(history, logits).argmax(dim=-1)
+        keep = []
+        for j, row in enumerate(active):
+            token = int(nxt[j])
+            if token in stop_set:
+                finished[row] = True
+                continue
+            tokens[row].append(token)
+            if len(tokens[row]) < int(limits[row]):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, history, nxt = mask[index], history[index], nxt[index]
+            active = [active[j] for j in keep]
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        logits, cache = forward(cache, input_ids=nxt[:, None], attention_mask=mask,
+                                position_ids=mask.sum(dim=-1, keepdim=True) - 1)
+    return [Generation(tokenizer.decode(t, skip_special_tokens=True).strip(), t, f)
+            for t, f in zip(tokens, finished, strict=True)]
 
 
 def memory_report(answerer: RouteAnswerer, rss_after_load: int | None = None) -> dict[str, Any]:
