@@ -18,13 +18,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gag_lightning.config_tree import print_config_tree, quiet_libraries  # noqa: E402
+from gag_lightning.config_tree import print_config_tree, quiet_libraries, run_reporting_errors  # noqa: E402
 
 ROUTE_ORDER = ("mode", "query", "router", "model", "domain", "hardware", "paths")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="route.yaml")
 def main(cfg: DictConfig) -> float | None:
+    # a GAGError (bad input, unfinished upstream) exits 1 with its message only (HYDRA_FULL_ERROR=1: traceback)
+    return run_reporting_errors(_main, cfg)
+
+
+def _main(cfg: DictConfig) -> float | None:
     quiet_libraries()
     if cfg.get("print_config", True):
         print_config_tree(cfg, order=ROUTE_ORDER, save_to=Path(cfg.paths.output_dir) / "config_tree.log")

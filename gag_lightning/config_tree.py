@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,3 +46,23 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def run_reporting_errors(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run an entry point; a `GAGError` (bad input, missing or unfinished artifact, NaN) ends it with exit status 1
+    and its message alone, no traceback (the message names the file, line and field, or the folder, to fix).
+    `HYDRA_FULL_ERROR=1` re-raises it for the full traceback, as Hydra does for every other error."""
+    from gag_lightning.errors import GAGError
+
+    try:
+        return fn(cfg)
+    except GAGError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = f"Error ({type(exc).__name__}): {exc}"
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+        for handler in logging.getLogger().handlers:  # the run's log file gets it too
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(f"{message}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -27,3 +27,15 @@ class MissingArtifactError(GAGError, FileNotFoundError):
 
 class SchemaMismatchError(GAGError, ValueError):
     """An artifact was made with settings that differ from what the caller asks for."""
+
+
+class UnfinishedArtifactError(MissingArtifactError):
+    """An upstream folder given by path has no finished manifest (its stage was killed, or it was not made here)."""
+
+
+class NonFiniteError(GAGError, FloatingPointError):
+    """NaN or inf in a loss, a gradient or a loaded tensor; the message names the step, file or record."""
+
+
+class ContextLengthError(GAGError, ValueError):
+    """A prompt plus the tokens to generate does not fit the model's positions."""

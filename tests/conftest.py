@@ -45,7 +45,8 @@ def tiny_expert_dir() -> Path:
     return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
 
 
-# the tiny base with <GAG> added: the frozen model of the Stage III and recipe tests
+# the tiny base (no spare embedding row, no spare special token: its slots are marked, prompts.MARK_ID), the frozen
+# model of the Stage III and recipe tests; loaded as published, nothing added
 @pytest.fixture(scope="module")
 def base_dir() -> Path:
     from gag_lightning.models.loading import resolve_path
@@ -56,22 +57,24 @@ def base_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(base_dir):
-    from gag_lightning.models.adapter import add_gag_token
     from gag_lightning.models.loading import load_tokenizer
 
-    tok = load_tokenizer(base_dir)
-    add_gag_token(tok)
-    return tok
+    return load_tokenizer(base_dir)
 
 
 @pytest.fixture
-def base(base_dir, tokenizer):
-    from gag_lightning.models.adapter import ensure_embedding_size
+def base(base_dir):
     from gag_lightning.models.loading import load_causal_lm
 
-    model = load_causal_lm(base_dir, "float32")
-    ensure_embedding_size(model, tokenizer)
-    return model
+    return load_causal_lm(base_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def gag_id(tokenizer) -> int:
+    """The id marking the memory slots in the tiny base's prompts."""
+    from gag_lightning.prompts import choose_placeholder
+
+    return choose_placeholder(tokenizer).id
 
 
 # two tiny specialist domains (the demo and demo_bio presets under experiment=smoke) trained on the one tiny base,

@@ -19,8 +19,7 @@ from gag_lightning.models.adapter import (
     LayerMixer,
     Projector,
     SemanticHead,
-    add_gag_token,
-    ensure_embedding_size,
+    adapter_placeholder,
     inject,
     load_adapter,
     save_adapter,
@@ -345,32 +344,40 @@ def tiny_qwen3(vocab: int = 64):
     return Qwen3ForCausalLM(cfg)
 
 
-def test_add_gag_token_is_idempotent_special_and_unsplit() -> None:
-    tok = tiny_tokenizer()
-    before = len(tok)
-    gag_id = add_gag_token(tok)
-    assert gag_id == before and len(tok) == before + 1
-    assert add_gag_token(tok) == gag_id and len(tok) == before + 1
-    assert GAG_TOKEN in tok.all_special_tokens
-    ids = tok("k: " + GAG_TOKEN * 4)["input_ids"]
-    assert ids.count(gag_id) == 4
-    assert GAG_TOKEN not in tok.decode(ids, skip_special_tokens=True)
+def test_placeholder_is_a_spare_special_token_or_a_mark_and_never_changes_the_tokenizer() -> None:
+    from gag_lightning.errors import SchemaMismatchError
+    from gag_lightning.models.tiny import build_tokenizer
+    from gag_lightning.prompts import MARK_ID, Placeholder, choose_placeholder, decode_prompt, encode_text
 
+    plain = build_tokenizer()  # every special token is eos / pad or named by the chat template
+    size = len(plain)
+    assert choose_placeholder(plain) == Placeholder(None, MARK_ID) and len(plain) == size
+    spare = build_tokenizer(extra_special_tokens=["<spare_a>", "<spare_b>"])
+    chosen = choose_placeholder(spare)
+    assert chosen.token == "<spare_a>" and chosen.id == spare.convert_tokens_to_ids("<spare_a>")
+    assert chosen.suppress_ids == [chosen.id] and Placeholder(None, MARK_ID).suppress_ids == []
 
-def test_ensure_embedding_size_resizes_only_when_needed() -> None:
-    tok = tiny_tokenizer()
-    add_gag_token(tok)
-    model = tiny_llama(vocab=64)  # spare rows: the <GAG> id (36) already has one
-    model.requires_grad_(False)
-    weights = model.get_input_embeddings().weight.detach().clone()
-    assert ensure_embedding_size(model, tok) is False
-    assert torch.equal(model.get_input_embeddings().weight, weights)
+    # splicing: the text around each placeholder is tokenised as around a special token; nothing is added
+    text = f"<|im_start|>user\nKnowledge: {GAG_TOKEN * 3}\n<|im_end|>\n"
+    for tok, ph in ((plain, MARK_ID), (spare, chosen.id)):
+        ids = encode_text(tok, text, ph)
+        assert ids.count(ph) == 3
+        head = tok("<|im_start|>user\nKnowledge: ", add_special_tokens=False)["input_ids"]
+        tail = tok("\n<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        assert ids == head + [ph] * 3 + tail
+        assert decode_prompt(tok, ids, ph) == text
+    native = spare(text.replace(GAG_TOKEN, "<spare_a>"), add_special_tokens=False)["input_ids"]
+    assert encode_text(spare, text, chosen.id) == native  # = registering the spare token as <GAG> would give
+    assert len(plain) == size and GAG_TOKEN not in plain.get_vocab()
 
-    small = tiny_llama(vocab=len(tok) - 1)  # exactly the pre-<GAG> vocabulary
-    small.requires_grad_(False)
-    assert ensure_embedding_size(small, tok) is True
-    assert small.get_input_embeddings().num_embeddings >= len(tok)
-    assert not any(p.requires_grad for p in small.parameters())
+    # the adapter records its placeholder; evaluation reuses it, or refuses a tokenizer that maps it elsewhere
+    cfg = make_config()
+    cfg.placeholder = chosen.to_dict()
+    assert adapter_placeholder(cfg, spare) == chosen
+    with pytest.raises(SchemaMismatchError, match="<spare_a>"):
+        adapter_placeholder(cfg, plain)
+    cfg.placeholder = None  # an adapter saved before placeholders were recorded: this tokenizer's choice
+    assert adapter_placeholder(cfg, spare) == chosen and adapter_placeholder(cfg, plain).id == MARK_ID
 
 
 # ---------------------------------------------------------------- end to end with a frozen tiny base

@@ -25,12 +25,11 @@ from gag_lightning.models.adapter import (
     AdapterConfig,
     GAGAdapter,
     InjectionError,
-    add_gag_token,
-    ensure_embedding_size,
     load_adapter,
     save_adapter,
 )
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
+from gag_lightning.prompts import choose_placeholder, decode_prompt
 from gag_lightning.stages.gag import GAGModule
 
 LAYER_KEYS = ["last", "minus2", "minus4", "minus6"]
@@ -56,6 +55,11 @@ def make_bank(folder: Path, n: int = len(RECORDS), seed: int = 0, slots: int = S
         q, a, bg = RECORDS[i % len(RECORDS)]
         metas.append({"index": i, "id": f"r{i}", "question": q, "answer": a, "background": bg})
     bank.write_shard(metas, torch.randn(n, K, slots, H_E, generator=gen))
+    # the parent is a finished synthetic memory artifact (stages refuse a memory folder without a manifest)
+    manifest = folder.parent / "manifest.json"
+    done = json.loads(manifest.read_text()) if manifest.is_file() else {"stage": "memory", "synthetic": {}}
+    done["synthetic"][folder.name] = {"n": n, "seed": seed, "slots": slots}
+    manifest.write_text(json.dumps(done, sort_keys=True))
     return folder
 
 
@@ -97,11 +101,11 @@ def first_batch(dm: GAGDataModule, n: int = 3):
 def test_labels_are_exactly_answer_and_end_of_turn(bank_dir, base_dir):
     # pad == eos on purpose: the end-of-turn must stay attended and labelled (METHOD.md section 8)
     tok = load_tokenizer(base_dir)
-    add_gag_token(tok)
     tok.pad_token = tok.eos_token
     dm = make_datamodule(bank_dir, tok, semantic_encoder=None)
     batch = first_batch(dm, 4)
-    gag_id = tok.convert_tokens_to_ids(GAG_TOKEN)
+    gag_id = choose_placeholder(tok).id
+    assert dm.placeholder_id == gag_id
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     metas = dm.bank.metas()
     for row, item in enumerate(dm.sets["train"].examples[:4]):
@@ -115,7 +119,7 @@ def test_labels_are_exactly_answer_and_end_of_turn(bank_dir, base_dir):
         assert tok.decode(ids[labelled][:-1]) == answer
         assert batch["answer_mask"][row].nonzero().flatten().tolist() == list(range(item.num_prompt, n - 1))
         assert int((ids[: item.num_prompt] == gag_id).sum()) == S
-        prompt = tok.decode(ids[: item.num_prompt])
+        prompt = decode_prompt(tok, ids[: item.num_prompt].tolist(), gag_id)
         assert f"Question: {metas[item.row]['question']}\nKnowledge: {GAG_TOKEN * S}\n" in prompt
         assert "Please answer the following question based on the knowledge provided." in prompt
     assert batch["memory"].shape == (4, K, S, H_E) and batch["memory"].dtype == torch.float32
@@ -130,18 +134,17 @@ def test_schema_mismatch_is_refused(bank_dir, tokenizer, base):
 
 
 # ------------------------------------------------------------------------------------------ injection
-def test_forward_places_projected_slots_in_order_and_checks_the_count(bank_dir, tokenizer, base):
+def test_forward_places_projected_slots_in_order_and_checks_the_count(bank_dir, tokenizer, base, gag_id):
     dm = make_datamodule(bank_dir, tokenizer)
     batch = first_batch(dm)
     # share_prefix=False: the hook below reads the full-sequence embeddings (the shared-prefix path feeds the
     # base only the positions after the prefix; its equivalence is tested separately)
-    module = GAGModule(base, make_adapter(base), tokenizer.convert_tokens_to_ids(GAG_TOKEN), share_prefix=False)
+    module = GAGModule(base, make_adapter(base), gag_id, share_prefix=False)
     seen = {}
     base.register_forward_pre_hook(lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
     module(batch["input_ids"], batch["attention_mask"], batch["memory"])
     expected = module.adapter.project(batch["memory"])
-    gag_id = module.gag_token_id
-    plain = base.get_input_embeddings()(batch["input_ids"])
+    plain = base.get_input_embeddings()(batch["input_ids"].clamp(min=0))
     for row in range(batch["input_ids"].shape[0]):
         where = (batch["input_ids"][row] == gag_id).nonzero().flatten().tolist()
         assert len(where) == S and where == sorted(where)
@@ -155,10 +158,10 @@ def test_forward_places_projected_slots_in_order_and_checks_the_count(bank_dir, 
         module(broken, batch["attention_mask"], batch["memory"])
 
 
-def test_loss_terms_match_their_formulas(bank_dir, tokenizer, base):
+def test_loss_terms_match_their_formulas(bank_dir, tokenizer, base, gag_id):
     dm = make_datamodule(bank_dir, tokenizer)
     batch = first_batch(dm)
-    module = GAGModule(base, make_adapter(base), tokenizer.convert_tokens_to_ids(GAG_TOKEN),
+    module = GAGModule(base, make_adapter(base), gag_id,
                        loss_weights={"nll": 1.0, "sem": 0.5, "div": 0.25})
     total, parts, _ = module.compute_losses(batch)
     module.training_step(batch, 0)
@@ -170,8 +173,7 @@ def test_loss_terms_match_their_formulas(bank_dir, tokenizer, base):
         mix = torch.softmax(adapter.mixer.logits, dim=-1)
         fused = (mix[None, :, :, None] * batch["memory"].permute(0, 2, 1, 3)).sum(2)  # [B, S, H_e]
         slots = adapter.projector(fused)
-        embeds = base.get_input_embeddings()(batch["input_ids"]).clone()
-        gag_id = module.gag_token_id
+        embeds = base.get_input_embeddings()(batch["input_ids"].clamp(min=0)).clone()
         for b in range(embeds.shape[0]):
             for s, pos in enumerate((batch["input_ids"][b] == gag_id).nonzero().flatten().tolist()):
                 embeds[b, pos] = slots[b, s]
@@ -208,9 +210,9 @@ def test_loss_terms_match_their_formulas(bank_dir, tokenizer, base):
     assert set(parts0) == {"loss", "nll"}
 
 
-def test_only_the_adapter_gets_gradients(bank_dir, tokenizer, base):
+def test_only_the_adapter_gets_gradients(bank_dir, tokenizer, base, gag_id):
     dm = make_datamodule(bank_dir, tokenizer)
-    module = GAGModule(base, make_adapter(base), tokenizer.convert_tokens_to_ids(GAG_TOKEN))
+    module = GAGModule(base, make_adapter(base), gag_id)
     module.train()
     assert not base.training and all(not m.training for m in base.modules())
     total, _, _ = module.compute_losses(first_batch(dm))
@@ -221,15 +223,13 @@ def test_only_the_adapter_gets_gradients(bank_dir, tokenizer, base):
     assert module.adapter.mixer.logits.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_and_autocast_keep_the_numbers(bank_dir, tokenizer, base, base_dir):
+def test_gradient_checkpointing_and_autocast_keep_the_numbers(bank_dir, tokenizer, base, base_dir, gag_id):
     dm = make_datamodule(bank_dir, tokenizer)
     batch = first_batch(dm)
-    gag_id = tokenizer.convert_tokens_to_ids(GAG_TOKEN)
     plain = GAGModule(base, make_adapter(base), gag_id).train()
     total, parts, _ = plain.compute_losses(batch)
     total.backward()
     other = load_causal_lm(base_dir, "float32")
-    ensure_embedding_size(other, tokenizer)
     ckpt = GAGModule(other, make_adapter(base), gag_id, gradient_checkpointing=True).train()
     layers = [m for m in other.modules() if getattr(m, "gradient_checkpointing", False) is True]
     assert layers and all(m.training for m in layers)
@@ -259,14 +259,14 @@ class RecordingModule(GAGModule):
             self.recorded[-1]["logged"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
 
 
-def test_training_keeps_base_bit_identical_clamps_mix_and_roundtrips(bank_dir, tokenizer, base, tmp_path):
+def test_training_keeps_base_bit_identical_clamps_mix_and_roundtrips(bank_dir, tokenizer, base, tmp_path, gag_id):
     dm = make_datamodule(bank_dir, tokenizer)
     dm.batch_size = 1  # 6 micro-batches: two full accumulation windows of 2
     before = {k: v.clone() for k, v in base.state_dict().items()}
     adapter = make_adapter(base)
     with torch.no_grad():
         adapter.mixer.logits.copy_(torch.tensor([[30.0, 0.0, 0.0, -30.0]] * S))
-    module = RecordingModule(base, adapter, tokenizer.convert_tokens_to_ids(GAG_TOKEN), lr=1e-2, warmup_ratio=0.0)
+    module = RecordingModule(base, adapter, gag_id, lr=1e-2, warmup_ratio=0.0)
     trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, limit_val_batches=0)
@@ -335,15 +335,18 @@ class OverlapScorer:
         return [1.0 for _ in preds]
 
 
-def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer, base, tmp_path, monkeypatch):
+def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer, base, tmp_path, monkeypatch,
+                                                           gag_id):
     bank = MemoryBank.open(bank_dir)
-    items = items_from_metas(bank.metas(), "You are an expert.")
+    items = items_from_metas(bank.metas())
     adapter = make_adapter(base).eval()
     calls = []
     real = harness_mod.generate_batched
 
-    def recording(model, tok, prompts, decoding, stop_ids, embed_fn=None, progress=None, share_prefix=False):
-        outs = real(model, tok, prompts, decoding, stop_ids, embed_fn=embed_fn, share_prefix=share_prefix)
+    def recording(model, tok, prompts, decoding, stop_ids, embed_fn=None, progress=None, share_prefix=False,
+                  suppress_ids=()):
+        outs = real(model, tok, prompts, decoding, stop_ids, embed_fn=embed_fn, share_prefix=share_prefix,
+                    suppress_ids=suppress_ids)
         calls.append({"model": model, "decoding": decoding, "stop_ids": list(stop_ids), "embed": embed_fn,
                       "prompts": prompts, "share_prefix": share_prefix})
         outs[0] = Generation(text="  ", token_ids=[], finished=True)  # one empty answer per system
@@ -353,7 +356,7 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
     decoding = DecodingConfig(max_new_tokens=3, repetition_penalty=1.05, no_repeat_ngram_size=3, batch_size=4)
     expert = load_causal_lm(base.name_or_path, "float32")
     harness = EvalHarness(base, tokenizer, decoding, adapter=adapter, memories=bank.memories(dtype=None),
-                          gag_token_id=tokenizer.convert_tokens_to_ids(GAG_TOKEN), expert=expert,
+                          gag_token_id=gag_id, instruction="You are an expert.", expert=expert,
                           expert_tokenizer=tokenizer, shuffle_seed=3)
     systems = ["base", "expert_context", "gag", "gag_shuffled", "expert"]
     result = harness.run(items, systems, {"bertscore_f1": OverlapScorer(), "sts": OverlapScorer()})
@@ -377,7 +380,8 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
     bg_tokens = [len(tokenizer(it.background, add_special_tokens=False)["input_ids"]) for it in items]
     assert result.summary["expert_context"]["added_prompt_tokens"] == pytest.approx(sum(bg_tokens) / n)
     # the prompts: expert background on the Knowledge line; GAG slots; base without knowledge
-    texts = {c_sys: tokenizer.decode(c["prompts"][0]) for c_sys, c in zip(systems, calls, strict=True)}
+    texts = {c_sys: decode_prompt(tokenizer, c["prompts"][0], gag_id) for c_sys, c in zip(systems, calls, strict=True)}
+    assert all(text.count("You are an expert.\n") == 1 for text in texts.values())  # the domain instruction
     assert f"Knowledge: {items[0].background}" in texts["expert_context"]
     assert GAG_TOKEN * S in texts["gag"] and texts["gag"] == texts["gag_shuffled"]
     assert "Knowledge" not in texts["base"] and "Please answer the following question.\n" in texts["base"]
@@ -394,7 +398,6 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
     with torch.no_grad():
         embeds = calls[3]["embed"](ids, mask, [0, 1])
         slots = adapter.project(bank.memories()[[perm[0], perm[1]]])
-    gag_id = tokenizer.convert_tokens_to_ids(GAG_TOKEN)
     for row in range(2):
         where = (ids[row] == gag_id).nonzero().flatten()
         assert torch.equal(embeds[row, where], slots[row])
@@ -554,10 +557,9 @@ def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(
     assert "GAG minus base:" in (eval_dir / "report.md").read_text()
 
 
-def test_shared_prefix_forward_gives_the_full_forward_losses_and_gradients(bank_dir, tokenizer, base):
+def test_shared_prefix_forward_gives_the_full_forward_losses_and_gradients(bank_dir, tokenizer, base, gag_id):
     dm = make_datamodule(bank_dir, tokenizer)
     batch = first_batch(dm)
-    gag_id = tokenizer.convert_tokens_to_ids(GAG_TOKEN)
     results = {}
     for share in (False, True):
         module = GAGModule(base, make_adapter(base), gag_id, loss_weights={"nll": 1.0, "sem": 0.5, "div": 0.25},

@@ -16,7 +16,6 @@ from gag_lightning.data.qa import collate_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.eval.harness import EvalHarness, EvalItem
-from gag_lightning.models.adapter import add_gag_token
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.prompts import GENERAL_REQUEST_TEXT
 from tests.conftest import ROOT, compose
@@ -73,7 +72,6 @@ def test_labels_are_answer_and_end_of_turn_only_with_pad_equal_to_eos(base_dir):
 
 def test_training_prompt_is_the_eval_prompt_of_base_and_lora(base_dir):
     tok = load_tokenizer(base_dir)
-    add_gag_token(tok)  # the eval tokenizer carries <GAG>; plain prompts tokenise the same
     harness = EvalHarness(None, tok, DecodingConfig())
     records = qa_records()
     items = [EvalItem(id=r.id, question=r.question, reference=r.answer, instruction=INSTRUCTION) for r in records]

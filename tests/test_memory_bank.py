@@ -148,14 +148,14 @@ sys.path.insert(0, {tests!r})
 from test_memory_bank import records, schema
 bank = bm.MemoryBank.open_for_writing({folder!r}, schema())
 bank.write_shard(*records([0, 1, 2, 3]))
-real = bm._write_durable
-def dying(path, data):
-    if str(path).endswith(".safetensors.tmp"):
-        with open(path, "wb") as handle:
+real = bm.atomic_write_bytes  # the one atomic write (artifacts.atomic_write_bytes)
+def dying(path, data, tmp=None):
+    if str(tmp).endswith(".safetensors.tmp"):
+        with open(tmp, "wb") as handle:
             handle.write(data[: len(data) // 2])
         os._exit(9)  # no finally blocks, no cleanup: like SIGKILL
-    real(path, data)
-bm._write_durable = dying
+    real(path, data, tmp=tmp)
+bm.atomic_write_bytes = dying
 bank.write_shard(*records([4, 5, 6, 7]))
 """
 

@@ -270,6 +270,55 @@ def test_interrupt_and_resume_gives_the_same_bank(tmp_path, expert, records, sto
     assert not list((tmp_path / "m").glob(".*.tmp"))
 
 
+_KILL_MEMORY = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from gag_lightning.memory.bank import BackgroundStore, MemorySchema
+from gag_lightning.memory.extract import CompressionConfig, build_memory_bank
+from gag_lightning.models.loading import load_causal_lm
+import torch
+torch.set_num_threads(1)
+
+def die(done):
+    if done == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+model = load_causal_lm({model!r}, "float32").eval()
+store = BackgroundStore.open({store!r})
+build_memory_bank(model, store.read_all(), {bank!r}, MemorySchema.from_dict({schema!r}),
+                  CompressionConfig(**{compression!r}), batch_size=4, shard_size=5, progress=False, on_batch=die)
+"""
+
+
+def test_kill_9_mid_batch_resumes_a_bit_identical_float16_bank(tmp_path, expert, records, stops) -> None:
+    """shard_size=5 with batch_size=4: a shard boundary falls inside a batch, so the records of a batch are committed
+    in two shards. After a SIGKILL the resumed run plans the same batches over every record, runs the half-banked
+    batch whole again and writes only its missing records: the float16 bank is bit-identical to an uninterrupted one."""
+    model, _ = expert
+    model.save_pretrained(tmp_path / "expert")  # the perturbed expert, for the killed process
+    store = make_store(tmp_path / "bg", expert, records, stops, batch_size=4)
+    half = CompressionConfig(layer_keys=KEYS, slots=4, dtype="float16")
+    bank_schema = schema(store, dtype="float16")
+    build_memory_bank(model, store.read_all(), tmp_path / "whole", bank_schema, half, batch_size=4, shard_size=5,
+                      progress=False)
+    whole = MemoryBank.open(tmp_path / "whole")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for kill_at in (2, 4):  # after 8 records (5 banked, 3 in memory) and after 16 (15 banked, 1 in memory)
+        folder = tmp_path / f"killed-{kill_at}"
+        script = _KILL_MEMORY.format(repo=str(REPO), kill_at=kill_at, model=str(tmp_path / "expert"),
+                                     store=str(tmp_path / "bg"), bank=str(folder), schema=bank_schema.to_dict(),
+                                     compression={"layer_keys": list(KEYS), "slots": 4, "dtype": "float16"})
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -9, proc.stderr[-3000:]
+        banked = len(MemoryBank.open(folder))
+        assert banked == 5 * (4 * kill_at // 5) and banked % 4, "the kill must leave a batch half banked"
+        build_memory_bank(model, store.read_all(), folder, bank_schema, half, batch_size=4, shard_size=5,
+                          progress=False)
+        resumed = MemoryBank.open(folder)
+        assert resumed.metas() == whole.metas()
+        assert torch.equal(resumed.memories(None), whole.memories(None)), f"kill after batch {kill_at}"
+
+
 # ---------------------------------------------------------------- schema
 
 

@@ -151,15 +151,12 @@ def test_retrieve_for_items_keys_by_record_and_scores_recall():
 # ------------------------------------------------------------------------------------------ the rag system
 @pytest.fixture(scope="module")
 def base_and_tokenizer():
-    from gag_lightning.models.adapter import add_gag_token, ensure_embedding_size
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
 
     cfg = compose(["experiment=smoke", f"paths.cache_dir={ROOT / '.cache'}", "paths.output_dir=/tmp"])
     base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
     tok = load_tokenizer(base_dir)
-    add_gag_token(tok)
     model = load_causal_lm(base_dir, "float32")
-    ensure_embedding_size(model, tok)
     return model.eval(), tok
 
 

@@ -18,7 +18,7 @@ import torch
 from gag_lightning.data.gag import GAGCollator, GAGDataModule
 from gag_lightning.data.recon import ReconDataModule
 from gag_lightning.models.adapter import GAG_TOKEN
-from gag_lightning.prompts import RECON_INSTRUCTION, context_user_text, render_prompt
+from gag_lightning.prompts import RECON_INSTRUCTION, context_user_text, decode_prompt, render_prompt
 from gag_lightning.stages.gag import GAGModule, fit_with_recon
 from tests.test_gag_stage import RECORDS, FixedTargets, make_adapter, make_bank
 
@@ -50,8 +50,7 @@ def manual_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch
 
 
 # ------------------------------------------------------------------------------------------ KL self-distillation
-def test_kl_teacher_is_the_base_reading_the_background_on_the_context_prompt(bank_dir, tokenizer, base):
-    gag_id = tokenizer.convert_tokens_to_ids(GAG_TOKEN)
+def test_kl_teacher_is_the_base_reading_the_background_on_the_context_prompt(bank_dir, tokenizer, base, gag_id):
     plain = collate(datamodule(bank_dir, tokenizer))
     assert not any(k.startswith("teacher") or k == "kl_mask" for k in plain)  # off: batches as before
 
@@ -103,10 +102,10 @@ def test_kl_teacher_is_the_base_reading_the_background_on_the_context_prompt(ban
     assert all(p.grad is None for p in base.parameters())
 
 
-def test_kl_weight_without_teacher_batches_is_an_error(bank_dir, tokenizer, base):
+def test_kl_weight_without_teacher_batches_is_an_error(bank_dir, tokenizer, base, gag_id):
     from gag_lightning.errors import GAGError
 
-    module = GAGModule(base, make_adapter(base, semantic_dim=None), tokenizer.convert_tokens_to_ids(GAG_TOKEN),
+    module = GAGModule(base, make_adapter(base, semantic_dim=None), gag_id,
                        loss_weights={"sem": 0.0, "kl": 0.5})
     with pytest.raises(GAGError, match="teacher"):
         module.compute_losses(collate(datamodule(bank_dir, tokenizer)))
@@ -132,8 +131,7 @@ def _trainer(steps: int) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
 
 
-def test_recon_warmup_runs_its_steps_before_the_qa_steps(bank_dir, tokenizer, base):
-    gag_id = tokenizer.convert_tokens_to_ids(GAG_TOKEN)
+def test_recon_warmup_runs_its_steps_before_the_qa_steps(bank_dir, tokenizer, base, gag_id):
     qa_dm = datamodule(bank_dir, tokenizer, semantic_encoder=FixedTargets())
     recon_dm = ReconDataModule(bank_dir, tokenizer, positions=qa_dm.positions["train"], batch_size=2)
     module = PhaseRecorder(base, make_adapter(base), gag_id, lr=1e-2, warmup_ratio=0.0)
@@ -146,7 +144,7 @@ def test_recon_warmup_runs_its_steps_before_the_qa_steps(bank_dir, tokenizer, ba
     backgrounds = {bg for _, _, bg in RECORDS}
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for phase, ids, labels in module.seen:
-        prompt = tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab == -100])
+        prompt = decode_prompt(tokenizer, [t for t, lab in zip(ids, labels, strict=True) if lab == -100], gag_id)
         target = [lab for lab in labels if lab != -100]
         assert target[-1] == eot  # the end-of-turn is trained in both phases
         if phase == "recon":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.data.records import read_knowledge_base
+from gag_lightning.errors import GAGError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,18 @@ def tokenize_corpus(texts: list[str], tokenizer: Any, separator: str = "\n\n") -
         piece = text + separator if i < last else text
         ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
     return ids
+
+
+def check_corpus_size(path: Path, n_texts: int, n_tokens: int, block_size: int, val_fraction: float) -> None:
+    """Refuse a knowledge base too small for Stage I: it must fill one whole block to train on, and a second one
+    when a validation split is asked for (the best checkpoint is chosen on it). A 3-word corpus would otherwise
+    "train" on one short block and export an expert that learned nothing, with exit status 0."""
+    need = block_size * (2 if val_fraction > 0 else 1)
+    if n_tokens < need:
+        what = "two blocks (one to train on, one to validate)" if val_fraction > 0 else "one block"
+        raise GAGError(f"{path}: the knowledge base holds {n_tokens} tokens in {n_texts} text(s), fewer than {what} "
+                       f"of dapt.datamodule.block_size={block_size} tokens ({need}); add text, or lower the block "
+                       "size (domain.budget.dapt.block_size)")
 
 
 class BlockDataset(Dataset):
@@ -85,7 +100,9 @@ class KnowledgeBaseDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         texts = read_knowledge_base(self.knowledge_base)
-        blocks = pack_tokens(tokenize_corpus(texts, self.tokenizer, self.separator), self.block_size)
+        ids = tokenize_corpus(texts, self.tokenizer, self.separator)
+        check_corpus_size(self.knowledge_base, len(texts), len(ids), self.block_size, self.val_fraction)
+        blocks = pack_tokens(ids, self.block_size)
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(len(blocks) * self.val_fraction)) if len(blocks) > 1 else 0
         if self.val_fraction > 0 and n_val == 0 and len(blocks) > 1:
@@ -98,13 +115,13 @@ class KnowledgeBaseDataModule(L.LightningDataModule):
                  self.knowledge_base, len(texts), len(blocks), self.block_size, len(train), len(val))
         self.train_set, self.val_set = BlockDataset(train), BlockDataset(val)
 
-    def _loader(self, data: BlockDataset, shuffle: bool) -> DataLoader:
+    def _collate(self) -> Any:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_blocks(b, pad))
+        return partial(collate_blocks, pad_id=pad)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return train_loader(self.train_set, self.batch_size, self.seed, self._collate(), self.num_workers,
+                            trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        return eval_loader(self.val_set, self.batch_size, self._collate(), self.num_workers) if len(self.val_set) else []

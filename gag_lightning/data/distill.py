@@ -1,9 +1,9 @@
 """Teacher side of KL self-distillation in Stage III (METHOD.md section 5b).
 
 The teacher is the same frozen base reading the record's expert background as *text* on the Knowledge line
-(the expert_context system's prompt); the student is the base with the S injected slots. Both sequences end
-in the same answer tokens, but their prompts differ in length, so the answer is aligned by its offset from
-each prompt's end. Kept apart from ``data/gag.py`` so that the plain Stage III data path reads as before.
+(the expert_context system's prompt, ``prompts.build_messages("context", ...)``); the student is the base with
+the S injected slots. Both sequences end in the same answer tokens, but their prompts differ in length, so the
+answer is aligned by its offset from each prompt's end. Kept apart from ``data/gag.py`` so that the plain Stage III data path reads as before.
 """
 
 from __future__ import annotations
@@ -15,16 +15,9 @@ import torch
 from torch import Tensor
 
 from gag_lightning.errors import GAGError
-from gag_lightning.prompts import Messages, context_user_text
 
 if TYPE_CHECKING:
     from gag_lightning.data.gag import GAGExample
-
-
-def context_messages(question: str, instruction: str, request_text: str, background: str) -> Messages:
-    """The teacher's user turn: exactly the expert_context system's (background on the Knowledge line)."""
-    return [{"role": "user", "content": context_user_text(instruction, request_text, question.strip(),
-                                                          background.strip())}]
 
 
 def with_teacher(example: GAGExample, teacher: GAGExample | None, record: str) -> GAGExample:
@@ -72,4 +65,4 @@ def teacher_batch(examples: list[GAGExample], student_width: int, pad_id: int) -
             "teacher_kl_mask": teacher_kl_mask}
 
 
-__all__ = ["context_messages", "teacher_batch", "with_teacher"]
+__all__ = ["teacher_batch", "with_teacher"]

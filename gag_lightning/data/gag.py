@@ -5,6 +5,11 @@ A training example is the base's chat-template rendering of
     user:      instruction \\n request_text \\n Question: q \\n Knowledge: <GAG>*S \\n
     assistant: answer <end-of-turn>
 
+built by ``prompts.build_messages("gag", ...)`` and tokenised by ``prompts.encode_prompt``, exactly as the eval
+harness and routed answering build the prompt of the same record (the record's instruction wins over the
+domain's; question stripped). ``<GAG>`` stands for the placeholder id (``prompts.choose_placeholder``), never
+for a token added to the tokenizer.
+
 with the loss on the answer and its end-of-turn token only, plus the record's memory ``[K, S, H_e]`` and
 (optionally) its precomputed semantic target. Memories stay in the bank's storage dtype (fp16) in RAM and
 are upcast per batch: the reference kept every raw per-token hidden state in RAM (METHOD.md section 8).
@@ -25,29 +30,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gag_lightning.data.distill import context_messages, teacher_batch, with_teacher
+from gag_lightning.data.distill import teacher_batch, with_teacher
+from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.models.adapter import GAG_TOKEN, AdapterConfig, InjectionError
 from gag_lightning.models.losses import IGNORE_INDEX
-from gag_lightning.prompts import Messages, gag_user_text, render_completion, stop_token_ids
+from gag_lightning.prompts import (
+    DEFAULT_REQUEST_TEXT,
+    Messages,
+    PromptSettings,
+    build_messages,
+    choose_placeholder,
+    render_completion,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
 VAL_SOURCES = ("split", "test", "none")
-
-
-def record_instruction(meta: Mapping[str, Any], default: str) -> str:
-    """The instruction line of the base prompt: the configured (domain) one, else the record's own.
-
-    The domain instruction wins so that training and every evaluated system see the same first line;
-    a record's ``instruction`` only fills in when the domain preset has none.
-    """
-    return (default or "").strip() or str(meta.get("instruction") or "").strip()
-
-
-def gag_messages(question: str, instruction: str, request_text: str, num_slots: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": gag_user_text(instruction, request_text, question.strip(), num_slots)}]
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,12 @@ def encode_turn(
     enable_thinking: bool = False,
     stop_ids: Sequence[int] | None = None,
     row: int = 0,
+    placeholder_id: int | None = None,
 ) -> GAGExample | None:
     """Tokenise one user turn + assistant answer; None if the prompt alone does not fit ``max_length`` (it is
     never cut: cutting it could drop ``<GAG>`` placeholders). A long answer is cut from the right."""
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
-    prompt, completion = render_completion(tokenizer, messages, answer, enable_thinking, stops)
+    prompt, completion = render_completion(tokenizer, messages, answer, enable_thinking, stops, placeholder_id)
     if len(prompt) >= max_length:
         return None
     n_answer = len(completion)
@@ -88,20 +90,19 @@ def encode_turn(
 
 
 def encode_gag(
-    question: str,
-    answer: str,
+    record: Mapping[str, Any],
     tokenizer: Any,
-    instruction: str,
-    request_text: str,
+    settings: PromptSettings,
     num_slots: int,
+    placeholder_id: int,
     max_length: int = 2048,
     enable_thinking: bool = False,
     stop_ids: Sequence[int] | None = None,
     row: int = 0,
 ) -> GAGExample | None:
-    """The injection prompt + answer of one record (``encode_turn`` on ``gag_messages``)."""
-    return encode_turn(gag_messages(question, instruction, request_text, num_slots), answer, tokenizer,
-                       max_length, enable_thinking, stop_ids, row)
+    """The injection prompt of one record (``question``, ``answer``, optional ``instruction``) + its answer."""
+    return encode_turn(build_messages("gag", record, settings, num_slots=num_slots), str(record["answer"]),
+                       tokenizer, max_length, enable_thinking, stop_ids, row, placeholder_id)
 
 
 class GAGDataset(Dataset):
@@ -215,7 +216,7 @@ class GAGDataModule(L.LightningDataModule):
         train_bank: str | Path,
         tokenizer: Any,
         instruction: str = "",
-        request_text: str = "Please answer the following question based on the knowledge provided.",
+        request_text: str = DEFAULT_REQUEST_TEXT,
         val_bank: str | Path | None = None,
         val_source: str = "split",
         val_fraction: float = 0.05,
@@ -230,6 +231,7 @@ class GAGDataModule(L.LightningDataModule):
         semantic_encoder: Any = None,
         expect: Mapping[str, Any] | None = None,
         teacher_context: bool = False,
+        placeholder_id: int | None = None,
     ) -> None:
         super().__init__()
         if val_source not in VAL_SOURCES:
@@ -241,6 +243,9 @@ class GAGDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.request_text = request_text
+        self.settings = PromptSettings(instruction, request_text)
+        # the slots' id in the prompt ids: the base's placeholder (load_base), by default this tokenizer's choice
+        self.placeholder_id = int(placeholder_id if placeholder_id is not None else choose_placeholder(tokenizer).id)
         self.val_source = val_source
         self.val_fraction = val_fraction
         self.max_length = max_length
@@ -274,33 +279,24 @@ class GAGDataModule(L.LightningDataModule):
     def check_adapter(self, config: AdapterConfig) -> None:
         check_bank_against_adapter(self.open_bank(), config)
 
-    def _gag_token_id(self) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(GAG_TOKEN)
-        registered = GAG_TOKEN in self.tokenizer.all_special_tokens
-        if token_id is None or token_id == self.tokenizer.unk_token_id or not registered:
-            raise GAGError(f"the tokenizer has no {GAG_TOKEN} token; call models.adapter.add_gag_token first")
-        return int(token_id)
-
     def _build(self, split: str, bank: MemoryBank, positions: list[int]) -> GAGDataset:
         metas = bank.metas()
         all_memories = bank.memories(dtype=None)
         indices = bank.indices()
         stops = stop_token_ids(self.tokenizer)
-        gag_id = self._gag_token_id()
+        gag_id = self.placeholder_id
         slots = bank.schema.slots
         examples: list[GAGExample] = []
         skipped = no_teacher = 0
         for row, pos in enumerate(positions):
             meta = metas[pos]
-            instruction = record_instruction(meta, self.instruction)
-            ex = encode_gag(meta["question"], meta["answer"], self.tokenizer, instruction, self.request_text, slots,
-                            self.max_length, self.enable_thinking, stops, row=row)
+            ex = encode_gag(meta, self.tokenizer, self.settings, slots, gag_id, self.max_length,
+                            self.enable_thinking, stops, row=row)
             if ex is None:
                 skipped += 1
                 continue
             if self.teacher_context:
-                messages = context_messages(meta["question"], instruction, self.request_text,
-                                            str(meta.get("background") or ""))
+                messages = build_messages("context", meta, self.settings, knowledge=str(meta.get("background") or ""))
                 teacher = encode_turn(messages, meta["answer"], self.tokenizer, self.max_length,
                                       self.enable_thinking, stops, row=row)
                 no_teacher += teacher is None
@@ -367,8 +363,10 @@ class GAGDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        return DataLoader(self.sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=GAGCollator(pad, teacher=self.teacher_context))
+        collate = GAGCollator(pad, teacher=self.teacher_context)
+        if shuffle:
+            return train_loader(self.sets[split], batch_size, self.seed, collate, self.num_workers, trainer=self.trainer)
+        return eval_loader(self.sets[split], batch_size, collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)
@@ -385,7 +383,5 @@ __all__ = [
     "check_bank_against_adapter",
     "encode_gag",
     "encode_turn",
-    "gag_messages",
-    "record_instruction",
     "split_positions",
 ]

@@ -19,11 +19,17 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from gag_lightning.data.gag import record_instruction
+from gag_lightning.data.loaders import train_loader
 from gag_lightning.data.qa import SFTDataset, SFTExample, collate_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.errors import GAGError
-from gag_lightning.prompts import GENERAL_REQUEST_TEXT, plain_user_text, render_completion, stop_token_ids
+from gag_lightning.prompts import (
+    GENERAL_REQUEST_TEXT,
+    PromptSettings,
+    build_messages,
+    render_completion,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +39,10 @@ def encode_plain(record: QARecord, tokenizer: Any, instruction: str = "", reques
                  stop_ids: Sequence[int] | None = None) -> SFTExample | None:
     """Tokenise one record with the base-only prompt; None if the prompt alone does not fit ``max_length``.
 
-    The instruction line follows the eval harness: the configured (domain) instruction, else the record's own.
+    The prompt is ``prompts.build_messages("plain", ...)``, the eval ``lora`` / ``base`` systems' (the record's own
+    instruction wins over ``instruction``, the domain's).
     """
-    instr = record_instruction({"instruction": record.instruction}, instruction)
-    messages = [{"role": "user", "content": plain_user_text(instr, request_text, record.question.strip())}]
+    messages = build_messages("plain", record, PromptSettings(instruction=instruction, base_request_text=request_text))
     prompt, completion = render_completion(tokenizer, messages, record.answer, enable_thinking, stop_ids)
     if len(prompt) >= max_length:
         return None
@@ -48,9 +54,10 @@ class LoRADataModule(L.LightningDataModule):
 
     def __init__(self, records: Sequence[QARecord], tokenizer: Any, instruction: str = "",
                  request_text: str = GENERAL_REQUEST_TEXT, max_length: int = 2048, batch_size: int = 1,
-                 num_workers: int = 0, enable_thinking: bool = False) -> None:
+                 num_workers: int = 0, enable_thinking: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.records = list(records)
+        self.seed = seed  # the training order is a function of (seed, epoch)
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.request_text = request_text
@@ -81,8 +88,8 @@ class LoRADataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=partial(collate_sft, pad_id=pad))
+        return train_loader(self.train_set, self.batch_size, self.seed, partial(collate_sft, pad_id=pad),
+                            self.num_workers, trainer=self.trainer)
 
 
 __all__ = ["LoRADataModule", "encode_plain"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.data.records import QARecord, read_qa
-from gag_lightning.prompts import render_completion, sft_messages, stop_token_ids
+from gag_lightning.prompts import PromptSettings, build_messages, render_completion, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,10 @@ class SFTExample:
 
 def encode_sft(record: QARecord, tokenizer: Any, instruction: str | None = None, max_length: int = 2048,
                enable_thinking: bool = False, stop_ids: list[int] | None = None) -> SFTExample:
-    """User turn = instruction + question, assistant turn = answer; the record's own instruction wins."""
-    instr = record.instruction or instruction or ""
-    prompt, completion = render_completion(
-        tokenizer, sft_messages(instr, record.question), record.answer, enable_thinking, stop_ids
-    )
+    """User turn = instruction + question, assistant turn = answer (``prompts.build_messages("sft", ...)``: the
+    record's own instruction wins over ``instruction``, the domain's)."""
+    messages = build_messages("sft", record, PromptSettings(instruction=instruction or ""))
+    prompt, completion = render_completion(tokenizer, messages, record.answer, enable_thinking, stop_ids)
     ids = (prompt + completion)[:max_length]
     return SFTExample(ids, min(len(prompt), len(ids)))
 
@@ -107,9 +108,10 @@ class SFTDataModule(L.LightningDataModule):
         log.info("SFT data: %s", {k: len(v) for k, v in self.sets.items()})
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        pad = self.tokenizer.pad_token_id
-        return DataLoader(self.sets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_sft(b, pad))
+        collate = partial(collate_sft, pad_id=self.tokenizer.pad_token_id)
+        if shuffle:
+            return train_loader(self.sets[split], batch_size, self.seed, collate, self.num_workers, trainer=self.trainer)
+        return eval_loader(self.sets[split], batch_size, collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

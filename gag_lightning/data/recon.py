@@ -24,34 +24,37 @@ import torch
 from torch.utils.data import DataLoader
 
 from gag_lightning.data.gag import GAGCollator, GAGDataset, GAGExample, encode_turn
+from gag_lightning.data.loaders import train_loader
 from gag_lightning.errors import GAGError
 from gag_lightning.memory.bank import MemoryBank
-from gag_lightning.models.adapter import GAG_TOKEN
-from gag_lightning.prompts import recon_user_text, stop_token_ids
+from gag_lightning.prompts import choose_placeholder, recon_user_text, stop_token_ids
 
 log = logging.getLogger(__name__)
 
 
-def encode_recon(background: str, tokenizer: Any, num_slots: int, max_length: int = 2048,
+def encode_recon(background: str, tokenizer: Any, num_slots: int, placeholder_id: int, max_length: int = 2048,
                  enable_thinking: bool = False, stop_ids: Sequence[int] | None = None,
                  row: int = 0) -> GAGExample | None:
     """One warm-up example: repeat-instruction + slots -> the background (+ end-of-turn); None if empty."""
     if not background.strip():
         return None  # nothing to regenerate (and the memory of an empty generation is a zero vector)
-    messages = [{"role": "user", "content": recon_user_text(num_slots, GAG_TOKEN)}]
-    return encode_turn(messages, background, tokenizer, max_length, enable_thinking, stop_ids, row)
+    messages = [{"role": "user", "content": recon_user_text(num_slots)}]
+    return encode_turn(messages, background, tokenizer, max_length, enable_thinking, stop_ids, row, placeholder_id)
 
 
 class ReconDataModule(L.LightningDataModule):
     """Training batches of the reconstruction warm-up (no validation: the QA fit validates).
 
     ``positions`` are the bank rows to use (the QA datamodule's training rows); None uses every record.
+    ``placeholder_id`` marks the slots (the QA fit's; by default this tokenizer's ``choose_placeholder``).
     """
 
     def __init__(self, bank: str | Path | MemoryBank, tokenizer: Any, positions: Sequence[int] | None = None,
                  max_length: int = 2048, batch_size: int = 1, num_workers: int = 0,
-                 enable_thinking: bool = False, expect: Mapping[str, Any] | None = None) -> None:
+                 enable_thinking: bool = False, expect: Mapping[str, Any] | None = None,
+                 placeholder_id: int | None = None, seed: int = 0) -> None:
         super().__init__()
+        self.seed = seed  # the training order is a function of (seed, epoch)
         self.bank = bank if isinstance(bank, MemoryBank) else MemoryBank.open(bank, expect=dict(expect or {}) or None)
         self.tokenizer = tokenizer
         self.positions = list(positions) if positions is not None else None
@@ -59,6 +62,7 @@ class ReconDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.enable_thinking = enable_thinking
+        self.placeholder_id = int(placeholder_id if placeholder_id is not None else choose_placeholder(tokenizer).id)
         self.dataset: GAGDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -70,8 +74,8 @@ class ReconDataModule(L.LightningDataModule):
         slots = self.bank.schema.slots
         examples: list[GAGExample] = []
         for row, pos in enumerate(positions):
-            ex = encode_recon(str(metas[pos].get("background") or ""), self.tokenizer, slots, self.max_length,
-                              self.enable_thinking, stops, row=row)
+            ex = encode_recon(str(metas[pos].get("background") or ""), self.tokenizer, slots, self.placeholder_id,
+                              self.max_length, self.enable_thinking, stops, row=row)
             if ex is not None:
                 examples.append(ex)
         if not examples:
@@ -89,8 +93,8 @@ class ReconDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=GAGCollator(pad))
+        return train_loader(self.dataset, self.batch_size, self.seed, GAGCollator(pad), self.num_workers,
+                            trainer=self.trainer)
 
 
 __all__ = ["ReconDataModule", "encode_recon"]

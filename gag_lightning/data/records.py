@@ -44,6 +44,33 @@ def _string_field(path: Path, lineno: int, obj: dict[str, Any], name: str, *, re
     return value
 
 
+def _text_field(path: Path, lineno: int, obj: dict[str, Any], name: str) -> str:
+    """A required string that must say something: an empty or blank question/answer is an error, not a record."""
+    value = _string_field(path, lineno, obj, name, required=True)
+    if not value.strip():
+        raise RecordError(path, lineno, name, "is empty; every record needs a non-blank value")
+    return value
+
+
+def _id_field(path: Path, lineno: int, obj: dict[str, Any], fallback: int, seen: dict[str, int]) -> str:
+    """A record id: a string, or an integer (written as its decimal string); absent or null: the 0-based record
+    position. Other JSON types (true, 1.5, lists, objects) are errors rather than silently stringified, and an id
+    used twice names both lines (two records with one id would give duplicated prediction rows)."""
+    raw = obj.get("id")
+    if raw is None:
+        rid = str(fallback)
+    elif isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise RecordError(path, lineno, "id", f"expected a string or an integer, got {_describe(raw)}")
+    elif isinstance(raw, str) and not raw.strip():
+        raise RecordError(path, lineno, "id", "is empty; give a non-blank id or leave the field out")
+    else:
+        rid = str(raw)
+    if rid in seen:
+        raise RecordError(path, lineno, "id", f"duplicate id {rid!r}: line {seen[rid]} has the same id")
+    seen[rid] = lineno
+    return rid
+
+
 def _answers_field(path: Path, lineno: int, obj: dict[str, Any], name: str = "answers") -> list[str] | None:
     """Optional gold aliases of the fact a question asks for (METHOD.md section 5b): a non-empty list of
     non-empty strings, or absent/null. Anything else is an error here rather than a fact_acc of 0 later."""
@@ -79,6 +106,7 @@ class QARecord:
     instruction: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     answers: list[str] | None = None
+    line: int | None = None  # 1-based line in its file, for error messages
 
 
 def read_knowledge_base(path: str | Path) -> list[str]:
@@ -97,20 +125,21 @@ def read_qa(path: str | Path) -> list[QARecord]:
     """Domain QA: `{"id"?, "instruction"?, "input", "output", "answers"?: [str, ...]}` per line."""
     path = Path(path)
     records = []
+    seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
-        question = _string_field(path, lineno, obj, "input", required=True)
-        answer = _string_field(path, lineno, obj, "output", required=True)
+        question = _text_field(path, lineno, obj, "input")
+        answer = _text_field(path, lineno, obj, "output")
         instruction = _string_field(path, lineno, obj, "instruction", required=False) or ""
-        rid = obj.get("id")
         index = len(records)
         records.append(
             QARecord(
                 index=index,
-                id=str(rid) if rid is not None else str(index),
+                id=_id_field(path, lineno, obj, index, seen),
                 question=question,
                 answer=answer,
                 instruction=instruction,
                 answers=_answers_field(path, lineno, obj),
+                line=lineno,
             )
         )
     if not records:
@@ -118,15 +147,27 @@ def read_qa(path: str | Path) -> list[QARecord]:
     return records
 
 
-def read_router_pool(path: str | Path) -> list[str]:
-    """Router offline pool: `{"question": str, ...}` per line; a domain QA file counts too, by its `input`."""
+# A route's prototypes summarise how its queries are phrased (METHOD.md section 6: k-means, k=32, capped by the
+# number of distinct queries). One question cannot: its single "prototype" is that question, and the route then
+# wins only near-copies of it. Two distinct questions is the floor for a pool; realistic pools hold hundreds.
+MIN_POOL_QUESTIONS = 2
+
+
+def read_router_pool(path: str | Path, min_questions: int = MIN_POOL_QUESTIONS) -> list[str]:
+    """Router offline pool: `{"question": str, ...}` per line (a domain QA file counts too, by its `input`), at least
+    `min_questions` distinct non-blank ones."""
     path = Path(path)
     questions = []
     for lineno, obj in iter_jsonl(path):
         key = "input" if "question" not in obj and "input" in obj else "question"
-        questions.append(_string_field(path, lineno, obj, key, required=True))
+        questions.append(_text_field(path, lineno, obj, key))
     if not questions:
         raise RecordError(path, None, None, "the router pool holds no questions")
+    distinct = len({q.strip() for q in questions})
+    if distinct < min_questions:
+        raise RecordError(path, None, "question", f"the router pool holds {distinct} distinct question(s); a route "
+                                                  f"needs at least {min_questions} to describe its queries (k-means "
+                                                  "prototypes, METHOD.md section 6)")
     return questions
 
 
@@ -143,6 +184,7 @@ class MixedRecord:
     answers: list[str]
     dataset_name: str
     fact_answers: list[str] | None = None
+    line: int | None = None  # 1-based line in its file, for error messages
 
 
 def read_mixed(path: str | Path) -> list[MixedRecord]:
@@ -154,7 +196,7 @@ def read_mixed(path: str | Path) -> list[MixedRecord]:
     records = []
     for lineno, obj in iter_jsonl(path):
         key = "question" if "question" in obj else "input"
-        question = _string_field(path, lineno, obj, key, required=True)
+        question = _text_field(path, lineno, obj, key)
         facts = _answers_field(path, lineno, obj)
         if "answer" not in obj and facts is None:
             raise RecordError(path, lineno, "answer", "missing required field")
@@ -167,7 +209,7 @@ def read_mixed(path: str | Path) -> list[MixedRecord]:
             raise RecordError(path, lineno, "answer", "expected a string or a list of strings")
         name = _string_field(path, lineno, obj, "dataset_name", required=True)
         records.append(MixedRecord(index=len(records), question=question, answers=answers, dataset_name=name,
-                                   fact_answers=facts))
+                                   fact_answers=facts, line=lineno))
     if not records:
         raise RecordError(path, None, None, "the mixed test file holds no records")
     return records

@@ -275,7 +275,8 @@ def _to_generation(seq: Sequence[int], stop_set: set[int], tokenizer: Any) -> Ge
 def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                      stop_ids: Sequence[int], embed_fn: EmbedFn | None = None,
                      progress: Callable[[int], None] | None = None,
-                     share_prefix: bool = False, continuous: bool = False) -> list[Generation]:
+                     share_prefix: bool = False, continuous: bool = False,
+                     suppress_ids: Sequence[int] = ()) -> list[Generation]:
     """Decode `prompts` (token id lists) in batches sorted by length; results come back in input order.
 
     `embed_fn(ids, mask, rows)` builds the inputs embeddings of a padded batch (`rows` are the
@@ -287,7 +288,12 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
     next prompt takes its place (continuing rows keep their KV cache), so a batch no longer runs as
     long as its longest row. It needs history-free logits processing (no repetition penalty, no
     n-gram blocking) and a plain dynamic KV cache, and falls back to fixed batches otherwise.
+    `suppress_ids` can never be generated (their logits are -inf at every step): the base's GAG slot
+    placeholder token (prompts.Placeholder.suppress_ids).
     """
+    from gag_lightning.eval.limits import check_prompts_fit
+
+    check_prompts_fit(model, prompts, decoding.max_new_tokens)  # beyond its positions a model decodes garbage
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     embed_fn = embed_fn or _default_embed(model)
     device = next(model.parameters()).device
@@ -299,6 +305,8 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         pad_token_id=pad_id, repetition_penalty=decoding.repetition_penalty,
         no_repeat_ngram_size=decoding.no_repeat_ngram_size, use_cache=True,
     )
+    if suppress_ids:
+        kwargs["suppress_tokens"] = sorted(set(int(i) for i in suppress_ids))
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
     else:

@@ -2,7 +2,7 @@
 
 Systems (METHOD.md sections 5 and 7):
 
-* ``base``           - the base alone. Prompt: the domain instruction, ``GENERAL_REQUEST_TEXT`` ("Please
+* ``base``           - the base alone. Prompt: the instruction, ``GENERAL_REQUEST_TEXT`` ("Please
                        answer the following question.") and the question. The GAG request text ("... based on
                        the knowledge provided.") would refer to knowledge that is not there, so the base gets
                        the general route's request (METHOD.md section 6) with the domain's instruction.
@@ -16,8 +16,11 @@ Systems (METHOD.md sections 5 and 7):
 * ``lora``           - the LoRA baseline: the base with a LoRA trained on the train QA, prompted like ``base``. peft
                        puts the LoRA inside the base's layers; it is switched off for every other system.
 
-All of them call ``generate_batched`` with one ``DecodingConfig`` (METHOD.md section 8: the reference
-decoded its routes differently). Empty predictions are kept and scored 0 by the scorers.
+Every prompt comes from ``prompts.build_messages`` (the builder Stage II, Stage III and the LoRA baseline train
+with; the record's own instruction wins over the domain's), so a record gets the same prompt ids here as in
+training. All base systems call ``generate_batched`` with one ``DecodingConfig`` and never generate the slot
+placeholder token (METHOD.md section 8: the reference decoded its routes differently). Empty predictions are
+kept and scored 0 by the scorers.
 
 Scores per record: ``fact_acc`` (METHOD.md section 5b: a gold alias of the fact is in the answer; None when the
 record has no ``answers``), ``token_f1`` against the reference, then BERTScore F1 and STS, which reward form
@@ -47,17 +50,18 @@ from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summariz
 from gag_lightning.prompts import (
     DEFAULT_REQUEST_TEXT,
     GENERAL_REQUEST_TEXT,
-    context_user_text,
-    gag_user_text,
-    plain_user_text,
-    render_prompt,
-    sft_messages,
+    PromptSettings,
+    build_messages,
+    encode_prompt,
     stop_token_ids,
 )
 
 SYSTEMS = ("base", "expert", "expert_context", "rag", "lora", "gag", "gag_shuffled")
 GAG_SYSTEMS = ("gag", "gag_shuffled")
 SCORE_KEYS = ("fact_acc", "token_f1", "bertscore_f1", "sts", "em")
+# system -> the prompts.build_messages use it answers with
+PROMPT_USE = {"base": "plain", "lora": "plain", "expert": "sft", "expert_context": "context", "rag": "rag",
+              "gag": "gag", "gag_shuffled": "gag"}
 BOOTSTRAP = {"n_resamples": 1000, "seed": 0}  # METHOD.md section 5b: 1,000 resamples of records
 
 
@@ -73,7 +77,7 @@ class EvalItem:
     question: str
     reference: str
     background: str = ""
-    instruction: str = ""
+    instruction: str = ""  # the record's own; empty: the harness's (domain) instruction
     answers: list[str] | None = None  # gold aliases of the fact: enable fact_acc (and has-answer EM)
 
 
@@ -100,10 +104,9 @@ def derangement(n: int, seed: int = 0) -> list[int]:
             return perm.tolist()
 
 
-def items_from_metas(metas: Sequence[Mapping[str, Any]], instruction: str = "") -> list[EvalItem]:
-    """EvalItems from memory-bank metadata (id, question, answer, background; optional gold ``answers``)."""
-    from gag_lightning.data.gag import record_instruction
-
+def items_from_metas(metas: Sequence[Mapping[str, Any]]) -> list[EvalItem]:
+    """EvalItems from memory-bank metadata (id, question, answer, background; optional ``instruction`` and gold
+    ``answers``). The domain instruction is the harness's: ``prompts.record_instruction`` decides per prompt."""
     items = []
     for meta in metas:
         answers = meta.get("answers")
@@ -111,7 +114,7 @@ def items_from_metas(metas: Sequence[Mapping[str, Any]], instruction: str = "") 
             answers = [answers]
         items.append(EvalItem(id=str(meta.get("id", meta.get("index"))), question=str(meta["question"]),
                               reference=str(meta["answer"]), background=str(meta.get("background") or ""),
-                              instruction=record_instruction(meta, instruction),
+                              instruction=str(meta.get("instruction") or ""),
                               answers=list(answers) if isinstance(answers, list) else None))
     return items
 
@@ -130,6 +133,7 @@ class EvalHarness:
         memories: Tensor | None = None,
         request_text: str = DEFAULT_REQUEST_TEXT,
         base_request_text: str = GENERAL_REQUEST_TEXT,
+        instruction: str = "",
         expert: Any = None,
         expert_tokenizer: Any = None,
         shuffle_seed: int = 0,
@@ -147,6 +151,7 @@ class EvalHarness:
         self.memories = memories
         self.request_text = request_text
         self.base_request_text = base_request_text
+        self.settings = PromptSettings(instruction, request_text, base_request_text)
         self.expert = expert
         self.expert_tokenizer = expert_tokenizer
         self.shuffle_seed = shuffle_seed
@@ -156,32 +161,41 @@ class EvalHarness:
         self.share_prefix = share_prefix
         self.lora = lora  # a peft model wrapping `base` in place (pipeline.lora.load_lora)
         self.stop_ids = stop_token_ids(tokenizer, getattr(base, "generation_config", None))
+        # a real placeholder token is never generated by any base system (a mark id cannot be generated)
+        self.suppress_ids = [gag_token_id] if gag_token_id is not None and gag_token_id >= 0 else []
         self.permutation: list[int] | None = None
         self.retrieved = retrieved  # record id -> retrieved passages, best first (the rag system)
         self.retrieval_summary = dict(retrieval_summary or {})
 
     # ------------------------------------------------------------------ prompts
-    def _encode(self, tokenizer: Any, content: str) -> list[int]:
-        text = render_prompt(tokenizer, [{"role": "user", "content": content}], self.enable_thinking)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    def messages(self, system: str, item: EvalItem) -> list[dict[str, str]]:
+        """``item``'s prompt for ``system``, from the one prompt builder (``prompts.build_messages``)."""
+        if system not in PROMPT_USE:
+            raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
+        use = PROMPT_USE[system]
+        knowledge = None
+        if system == "expert_context":
+            knowledge = item.background
+        elif system == "rag":
+            knowledge = self.rag_context(item)
+        slots = self.num_slots if use == "gag" else 0
+        return build_messages(use, item, self.settings, num_slots=slots, knowledge=knowledge)
 
     def user_text(self, system: str, item: EvalItem) -> str:
-        if system in ("base", "lora"):
-            return plain_user_text(item.instruction, self.base_request_text, item.question)
-        if system == "expert_context":
-            return context_user_text(item.instruction, self.request_text, item.question, item.background.strip())
-        if system == "rag":
-            return context_user_text(item.instruction, self.request_text, item.question, self.rag_context(item))
-        if system in GAG_SYSTEMS:
-            return gag_user_text(item.instruction, self.request_text, item.question, self.num_slots)
-        raise ValueError(f"unknown base-prompt system {system!r}")
+        return self.messages(system, item)[-1]["content"]
 
     def prompts(self, system: str, items: Sequence[EvalItem]) -> list[list[int]]:
+        """Prompt ids per item: what the model is fed (and what training fed it for the same record)."""
         if system == "expert":
             tok = self.expert_tokenizer
-            return [tok(render_prompt(tok, sft_messages(it.instruction, it.question), self.enable_thinking),
-                        add_special_tokens=False)["input_ids"] for it in items]
-        return [self._encode(self.tokenizer, self.user_text(system, it)) for it in items]
+            return [encode_prompt(tok, self.messages(system, it), self.enable_thinking) for it in items]
+        placeholder = None
+        if system in GAG_SYSTEMS:
+            if self.gag_token_id is None:
+                raise GAGError(f"system {system!r} needs the placeholder id of the slots (gag_token_id)")
+            placeholder = self.gag_token_id
+        return [encode_prompt(self.tokenizer, self.messages(system, it), self.enable_thinking, placeholder)
+                for it in items]
 
     def rag_context(self, item: EvalItem) -> str:
         """The retrieved passages of ``item``, one per line, best first."""
@@ -256,7 +270,8 @@ class EvalHarness:
             # intended: prompts go in as embeddings, so penalties see only new tokens, for every system alike
             warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
             return generate_batched(self.base, self.tokenizer, prompts, self.decoding, self.stop_ids,
-                                    embed_fn=embed_fn, share_prefix=self.share_prefix)
+                                    embed_fn=embed_fn, share_prefix=self.share_prefix,
+                                    suppress_ids=self.suppress_ids)
 
     # ------------------------------------------------------------------ the whole run
     def run(self, items: Sequence[EvalItem], systems: Sequence[str], scorers: Mapping[str, Scorer],
@@ -298,7 +313,9 @@ class EvalHarness:
         if "rag" in systems:
             summary["rag"].update(self.retrieval_summary)
         settings = {"decoding": asdict(self.decoding), "stop_ids": self.stop_ids, "systems": systems,
-                    "shuffle_seed": self.shuffle_seed, "base_request_text": self.base_request_text,
+                    "suppressed_ids": self.suppress_ids, "placeholder_id": self.gag_token_id,
+                    "shuffle_seed": self.shuffle_seed, "instruction": self.settings.instruction,
+                    "base_request_text": self.base_request_text,
                     "request_text": self.request_text, "num_records": len(items),
                     "bootstrap": {**BOOTSTRAP, "alpha": 0.05, "paired_with": "gag"}}
         if "rag" in systems:
@@ -370,9 +387,11 @@ def paired_lines(summary: Mapping[str, Mapping[str, Any]], reference: str = "gag
     return lines
 
 
-def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
+def markdown_report(summary: Mapping[str, Mapping[str, Any]], title: str = "", notes: Sequence[str] = ()) -> str:
+    """The results table and its legend; ``notes`` (e.g. an adapter selected on the test split) come first."""
     header, rows = report_rows(summary)
     lines = [f"# {title}", ""] if title else []
+    lines += [line for note in notes for line in (f"> **Warning:** {note}", "")]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -425,7 +444,7 @@ def write_outputs(out_dir: str | Path, result: EvalResult, title: str = "") -> d
     atomic_write_text(paths["predictions"], "\n".join(lines) + "\n")
     atomic_write_text(paths["metrics"], json.dumps({"systems": result.summary, "settings": result.settings},
                                                    indent=2, ensure_ascii=False))
-    atomic_write_text(paths["report"], markdown_report(result.summary, title))
+    atomic_write_text(paths["report"], markdown_report(result.summary, title, result.settings.get("notes", ())))
     return paths
 
 
@@ -439,7 +458,8 @@ def write_split_outputs(out_dir: str | Path, results: Mapping[str, EvalResult],
     atomic_write_text(paths["metrics"], json.dumps(
         {split: {"systems": r.summary, "settings": r.settings} for split, r in results.items()},
         indent=2, ensure_ascii=False))
-    atomic_write_text(paths["report"], "\n".join(markdown_report(r.summary, titles.get(split, split))
+    atomic_write_text(paths["report"], "\n".join(markdown_report(r.summary, titles.get(split, split),
+                                                                 r.settings.get("notes", ()))
                                                  for split, r in results.items()))
     return paths
 

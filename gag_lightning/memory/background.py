@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from gag_lightning.data.records import QARecord
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.memory.bank import BackgroundStore
-from gag_lightning.prompts import background_messages, render_prompt
+from gag_lightning.prompts import background_messages, record_instruction, render_prompt
 
 __all__ = [
     "BackgroundConfig",
@@ -38,6 +38,7 @@ __all__ = [
     "background_settings",
     "empty_question_indices",
     "generate_backgrounds",
+    "pending_batches",
     "plan_batches",
 ]
 
@@ -98,7 +99,7 @@ def background_prompt_ids(tokenizer: Any, records: Sequence[QARecord], config: B
     out = []
     for record in records:
         messages = background_messages(record.question, config.system_prompt,
-                                       record.instruction or config.instruction, config.prompt_style)
+                                       record_instruction(record, config.instruction), config.prompt_style)
         text = render_prompt(tokenizer, messages, config.enable_thinking)
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out
@@ -124,6 +125,19 @@ def plan_batches(lengths: Mapping[int, int], batch_size: int, rank: int = 0, wor
     order = sorted(lengths, key=lambda i: (lengths[i], i))
     mine = order[rank::world_size]
     return [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+
+
+def pending_batches(lengths: Mapping[int, int], done: set[int], batch_size: int, rank: int = 0,
+                    world_size: int = 1) -> list[list[int]]:
+    """This rank's planned batches (`plan_batches` over *every* record) that still hold a record not in `done`.
+
+    The plan never depends on where an earlier run stopped: a resumed run forms exactly the batches of an
+    uninterrupted one, and a batch of which a kill left some records committed is run whole again (same rows,
+    padding and shared prefix, hence the same numbers) while only its missing records are written. Planning over
+    the pending records alone would re-form the batches whenever a shard boundary fell inside a batch, and float16
+    memories would then move by one rounding step.
+    """
+    return [b for b in plan_batches(lengths, batch_size, rank, world_size) if any(i not in done for i in b)]
 
 
 @dataclass
@@ -203,6 +217,7 @@ class BackgroundJob:
         self.store: BackgroundStore | None = None
         self.stats = JobStats()
         self.done_at_open: set[int] = set()  # already generated when this run started (all ranks)
+        self._done: set[int] = set()  # every index in the store at open (any rank, in the input file or not)
         self._bar: ProgressBar | None = None
         self._t0 = 0.0
 
@@ -215,7 +230,7 @@ class BackgroundJob:
             log.warning("%s holds %d record(s) not in the input file (e.g. index %d); they are kept but unused",
                         self.folder, len(stray), stray[0])
         self.done_at_open = done & set(self.records)
-        pending = {i: len(p) for i, p in self.prompts.items() if i not in done}
+        self._done = set(done)
         if rank == 0:
             if self.empty_questions:
                 log.warning("[%s] %d record(s) have an empty question (indices %s%s); generating on the bare prompt "
@@ -224,8 +239,10 @@ class BackgroundJob:
             if done:
                 log.info("[%s] resuming: %d of %d records already generated", self.desc,
                          len(done & set(self.records)), len(self.records))
-        batches = plan_batches(pending, self.chunk_size, rank, world_size)
-        self._bar = ProgressBar(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
+        lengths = {i: len(p) for i, p in self.prompts.items()}
+        batches = pending_batches(lengths, self._done, self.chunk_size, rank, world_size)
+        pending = sum(1 for b in batches for i in b if i not in self._done)
+        self._bar = ProgressBar(pending, f"{self.desc} r{rank}" if world_size > 1 else self.desc,
                                 self.progress and rank == 0)
         self._t0 = time.perf_counter()
         return batches
@@ -248,6 +265,8 @@ class BackgroundJob:
                                        continuous=True)
         rows = []
         for index, prompt, gen in zip(indices, prompts, generations, strict=True):
+            if index in self._done:  # committed before a resume: the whole planned batch ran, only new rows go in
+                continue
             record = self.records[index]
             row = {"index": index, "id": record.id, "question": record.question, "answer": record.answer,
                    "background": gen.text, "token_ids": list(gen.token_ids), "finished": bool(gen.finished),

@@ -30,6 +30,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from gag_lightning.artifacts import atomic_write_bytes
+from gag_lightning.artifacts import fsync_dir as _fsync_dir
 from gag_lightning.errors import GAGError, MissingArtifactError, RecordError, SchemaMismatchError
 from gag_lightning.memory.compression import POOLINGS, layer_indices
 
@@ -61,37 +63,9 @@ _BG_RE = re.compile(r"^backgrounds-r(\d{3,})\.jsonl$")
 # --------------------------------------------------------------------------- file helpers
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make renames durable; some platforms cannot open directories, which is harmless there."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _atomic_write_bytes(path: Path, data: bytes, tmp: Path | None = None) -> None:
-    """Write to a temporary sibling then rename, so readers see the old file or the new one, never half."""
-    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        _write_durable(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    """The one atomic write (`artifacts.atomic_write`), with this store's temp names (debris cleanup knows them)."""
+    atomic_write_bytes(path, data, tmp=tmp or path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
 
 
 def _canonical_json(obj: Any) -> str:
@@ -193,6 +167,20 @@ class MemorySchema:
 
 
 # --------------------------------------------------------------------------- memory bank
+
+
+def _check_finite(path: Path, memories: Tensor, metas: list[dict[str, Any]]) -> None:
+    """Refuse a shard holding NaN/inf memories (a damaged file: the memory stage never writes them), naming the
+    shard and the first bad record, so no stage trains or evaluates on them."""
+    bad = ~torch.isfinite(memories.reshape(memories.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        meta = metas[rows[0]]
+        raise GAGError(
+            f"{path}: record id {meta.get('id')!r} (index {meta.get('index')}, line {rows[0] + 1} of "
+            f"{path.with_suffix('.jsonl').name}) holds NaN/inf memory values ({len(rows)} of {len(metas)} records "
+            f"of this shard); the bank is damaged: delete {path.parent} and rerun the memory stage"
+        )
 
 
 def _shard_stem(rank: int, seq: int) -> str:
@@ -430,6 +418,7 @@ class MemoryBank:
                         f"{where[index].name} and {path.name}; delete one of the shards"
                     )
                 where[index] = path
+            _check_finite(path, memories, shard_metas)
             metas.extend(shard_metas)
             chunks.append(memories)
         if chunks:

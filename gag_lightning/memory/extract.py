@@ -30,7 +30,7 @@ from gag_lightning.memory.background import (
     JobStats,
     ProgressBar,
     account_batch,
-    plan_batches,
+    pending_batches,
     run_job,
 )
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
@@ -183,6 +183,7 @@ class MemoryJob:
         self.bank: MemoryBank | None = None
         self.stats = JobStats()
         self.done_at_open: set[int] = set()  # already banked when this run started (all ranks)
+        self._done: set[int] = set()  # every index in the bank at open (any rank)
         self._metas: list[dict[str, Any]] = []
         self._memories: list[Tensor] = []
         self._bar: ProgressBar | None = None
@@ -192,13 +193,15 @@ class MemoryJob:
         self.bank = MemoryBank.open_for_writing(self.folder, self.schema, rank=rank)
         done = self.bank.done_indices()
         self.done_at_open = done & set(self.backgrounds)
-        lengths = {i: len(b["prompt_ids"]) + len(b["token_ids"]) for i, b in self.backgrounds.items()
-                   if i not in done}
+        self._done = set(done)
+        lengths = {i: len(b["prompt_ids"]) + len(b["token_ids"]) for i, b in self.backgrounds.items()}
         if rank == 0 and done:
             log.info("[%s] resuming: %d of %d memories already banked", self.desc,
                      len(done & set(self.backgrounds)), len(self.backgrounds))
-        batches = plan_batches(lengths, self.batch_size, rank, world_size)
-        self._bar = ProgressBar(sum(len(b) for b in batches), f"{self.desc} r{rank}" if world_size > 1 else self.desc,
+        # batches planned over every record, so a resumed bank is bit-identical whatever shard_size and batch_size
+        batches = pending_batches(lengths, self._done, self.batch_size, rank, world_size)
+        pending = sum(1 for b in batches for i in b if i not in self._done)
+        self._bar = ProgressBar(pending, f"{self.desc} r{rank}" if world_size > 1 else self.desc,
                                 self.progress and rank == 0)
         self._t0 = time.perf_counter()
         return batches
@@ -216,6 +219,10 @@ class MemoryJob:
         rows = [self.backgrounds[int(i)] for i in indices]
         memories = extract_memories(model, [r["prompt_ids"] for r in rows], [r["token_ids"] for r in rows],
                                     self.config).cpu()
+        # the whole planned batch ran (same numbers as without a kill); records banked before a resume are not rewritten
+        keep = [k for k, r in enumerate(rows) if int(r["index"]) not in self._done]
+        if len(keep) < len(rows):
+            rows, memories = [rows[k] for k in keep], memories[keep]
         self._metas.extend(memory_metadata(r) for r in rows)
         self._memories.append(memories)
         while len(self._metas) >= self.shard_size:

@@ -2,7 +2,8 @@
 
 A record's latent memory ``[K, S, H_e]`` (K expert layers, S slots) is fused across layers per slot
 (``LayerMixer``), mapped into the frozen base model's embedding space (``Projector``) and written over the
-input embeddings of the S ``<GAG>`` placeholder tokens (``inject``). ``SemanticHead`` only serves the
+input embeddings at the S ``<GAG>`` placeholder positions (``inject``; the placeholder is an existing spare
+special token or a mark outside the vocabulary, never a new token: ``prompts.choose_placeholder``). ``SemanticHead`` only serves the
 auxiliary semantic loss during training.
 
 Only this module trains; the base model is reached solely through ``inputs_embeds``, so any Hugging Face
@@ -13,8 +14,8 @@ small learned layer-mix logits and gated updates.
 
 from __future__ import annotations
 
-import inspect
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gag_lightning.artifacts import atomic_write, atomic_write_text
-from gag_lightning.errors import GAGError
+from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.prompts import GAG_TOKEN, Placeholder, choose_placeholder
 
-GAG_TOKEN = "<GAG>"
+log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
@@ -180,7 +182,9 @@ class AdapterConfig:
     """Everything needed to rebuild an adapter without its training config (stored as JSON next to it).
 
     ``base_model`` and ``memory_schema`` are not used for computation: they let a later stage refuse an
-    adapter trained for another base model or on memories built with other settings.
+    adapter trained for another base model or on memories built with other settings. ``placeholder``
+    (``Placeholder.to_dict``) is how training marked the slot positions, reused by evaluation and routing;
+    ``selection`` says which split chose the saved adapter (``val_source``, ``val_split``).
     """
 
     expert_hidden: int
@@ -196,10 +200,13 @@ class AdapterConfig:
     slot_dropout: float = 0.0
     base_model: str | None = None
     memory_schema: dict[str, Any] = field(default_factory=dict)
+    placeholder: dict[str, Any] | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_keys = list(self.layer_keys)
         self.memory_schema = dict(self.memory_schema or {})
+        self.selection = dict(self.selection or {})
         if self.layer_keys and len(self.layer_keys) != self.layers:
             raise ValueError(f"{len(self.layer_keys)} layer_keys given for layers={self.layers}")
         if self.fusion not in FUSION_MODES:
@@ -333,10 +340,48 @@ def save_adapter(adapter: GAGAdapter, folder: str | Path) -> Path:
     return folder
 
 
-def load_adapter(folder: str | Path, device: str | torch.device | None = None) -> GAGAdapter:
-    """Rebuild an adapter from ``save_adapter`` output, restoring every tensor including the layer mix."""
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a truncated or damaged file, or NaN/inf in it, is an error naming it."""
     from safetensors.torch import load_file
 
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError: incomplete metadata, ...)
+        raise GAGError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); the file is truncated or "
+                       "damaged: retrain, or copy it again") from exc
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        from gag_lightning.errors import NonFiniteError
+
+        raise NonFiniteError(f"{path}: tensor(s) {bad[:5]} hold NaN/inf values; the weights are unusable: retrain")
+    return state
+
+
+def check_weight_shapes(adapter: GAGAdapter, state: Mapping[str, Tensor], cfg_path: Path, w_path: Path) -> None:
+    """Refuse weights whose shapes differ from what the config builds, naming the tensor, the dimension and the
+    config fields of that size (instead of torch's `RuntimeError ... size mismatch`)."""
+    sizes = ("expert_hidden", "base_hidden", "slots", "layers", "projector_hidden", "semantic_dim")
+    problems = []
+    for name, want in adapter.state_dict().items():
+        have = state.get(name)
+        if have is None or tuple(have.shape) == tuple(want.shape):
+            continue
+        if have.dim() != want.dim():
+            problems.append(f"{name} is {list(have.shape)} in {w_path.name} but {list(want.shape)} by {cfg_path.name}")
+            continue
+        for dim, (h, w) in enumerate(zip(have.shape, want.shape, strict=True)):
+            if h != w:
+                fields = [f for f in sizes if getattr(adapter.config, f, None) == w]
+                named = f" ({', '.join(f'{f}={w}' for f in fields)})" if fields else ""
+                problems.append(f"{name} dimension {dim} is {h} in {w_path.name} but {w} by {cfg_path.name}{named}")
+    if problems:
+        raise SchemaMismatchError(f"adapter folder {w_path.parent}: {cfg_path.name} does not match the weights: "
+                                  + "; ".join(problems[:5]) + "; the config must hold the sizes the weights were "
+                                  "trained with")
+
+
+def load_adapter(folder: str | Path, device: str | torch.device | None = None) -> GAGAdapter:
+    """Rebuild an adapter from ``save_adapter`` output, restoring every tensor including the layer mix."""
     from gag_lightning.errors import MissingArtifactError
 
     folder = Path(folder)
@@ -344,10 +389,14 @@ def load_adapter(folder: str | Path, device: str | torch.device | None = None) -
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise MissingArtifactError(f"{p} not found; run the 'gag' stage to train an adapter first")
-    with open(cfg_path, encoding="utf-8") as f:
-        config = AdapterConfig.from_dict(json.load(f))
-    adapter = GAGAdapter(config)
-    state = load_file(str(w_path), device="cpu")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = AdapterConfig.from_dict(json.load(f))
+        adapter = GAGAdapter(config)
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise GAGError(f"{cfg_path}: not a valid adapter config ({exc})") from exc
+    state = read_weights(w_path)
+    check_weight_shapes(adapter, state, cfg_path, w_path)
     missing, unexpected = adapter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise GAGError(
@@ -360,52 +409,32 @@ def load_adapter(folder: str | Path, device: str | torch.device | None = None) -
 
 
 # --------------------------------------------------------------------------------------------------------
-# Tokenizer / base-model helpers
+# Placeholder and provenance
 # --------------------------------------------------------------------------------------------------------
-def add_gag_token(tokenizer: Any, token: str = GAG_TOKEN) -> int:
-    """Register ``<GAG>`` as an extra special token (never split, skipped on decode); return its id.
+def adapter_placeholder(config: AdapterConfig, tokenizer: Any) -> Placeholder:
+    """The placeholder ``config`` was trained with, checked against the base's ``tokenizer``.
 
-    Idempotent, and appends to (never replaces) the tokenizer's existing extra special tokens. Handles
-    both the transformers 5 (``extra_special_tokens``) and 4.x (``additional_special_tokens``) APIs.
+    An adapter saved before placeholders were recorded (it was trained with an added ``<GAG>`` token) gets this
+    tokenizer's ``choose_placeholder``: the slot positions and every other prompt id are the same, and the id at
+    the slots is never read (the injection overwrites those positions).
     """
-    if token not in tokenizer.all_special_tokens:
-        params = inspect.signature(tokenizer.add_special_tokens).parameters
-        if "replace_extra_special_tokens" in params:
-            tokenizer.add_special_tokens(
-                {"extra_special_tokens": [token]}, replace_extra_special_tokens=False
-            )
-        elif "replace_additional_special_tokens" in params:
-            tokenizer.add_special_tokens(
-                {"additional_special_tokens": [token]}, replace_additional_special_tokens=False
-            )
-        else:  # pragma: no cover - very old transformers
-            tokenizer.add_special_tokens({"additional_special_tokens": [token]})
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise GAGError(f"could not add {token} to the tokenizer {type(tokenizer).__name__}")
-    return int(token_id)
+    if not config.placeholder:
+        chosen = choose_placeholder(tokenizer)
+        log.warning("adapter config records no placeholder (saved by an older version); marking slots with %s",
+                    chosen.to_dict())
+        return chosen
+    recorded = Placeholder.from_dict(config.placeholder)
+    recorded.check(tokenizer)
+    return recorded
 
 
-def ensure_embedding_size(model: Any, tokenizer: Any) -> bool:
-    """Resize the base's embeddings only if the tokenizer now has ids beyond them; return whether it did.
-
-    The ``<GAG>`` row is never read (``inject`` overwrites it), so any existing row will do. Most base
-    models (Qwen3: 151,936 rows for ~151,669 tokens) have spare padded rows, and reusing one keeps the
-    frozen base bit-identical: no new weights to save or fingerprint, no change to the output head.
-    When a resize is unavoidable the new rows keep the old ``requires_grad`` so the base stays frozen.
-    """
-    embeddings = model.get_input_embeddings()
-    needed = len(tokenizer)
-    if needed <= embeddings.num_embeddings:
-        return False
-    frozen = not embeddings.weight.requires_grad
-    model.resize_token_embeddings(needed)
-    if frozen:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None:
-                for param in module.parameters():
-                    param.requires_grad_(False)
-    return True
+def selection_note(config: AdapterConfig) -> str | None:
+    """The warning every report carries when the adapter was selected on the test split, else None."""
+    if config.selection.get("val_source") != "test":
+        return None
+    split = config.selection.get("val_split", "test")
+    return (f"The GAG adapter was selected on split '{split}' (gag.val_source=test, allowed by "
+            f"gag.allow_test_selection=true): its scores on that split are optimistic.")
 
 
 __all__ = [
@@ -418,9 +447,9 @@ __all__ = [
     "LayerMixer",
     "Projector",
     "SemanticHead",
-    "add_gag_token",
-    "ensure_embedding_size",
+    "adapter_placeholder",
     "inject",
     "load_adapter",
     "save_adapter",
+    "selection_note",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from gag_lightning.artifacts import apply_umask
 from gag_lightning.errors import GAGError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
     tmp = _atomic_dir(out_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    apply_umask(tmp)  # safetensors writes model.safetensors 0600
     os.replace(tmp, out_dir)
     return out_dir
 
@@ -144,11 +146,37 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def damaged_weight_files(path: str | Path) -> list[str]:
+    """The safetensors files of a model directory whose header cannot be read (truncated or not safetensors)."""
+    from safetensors import safe_open
+
+    bad = []
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception:  # safetensors raises its own error types
+            bad.append(str(file))
+    return bad
+
+
 def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "float32"):
-    """Any Hugging Face causal LM from a directory; eager attention keeps CPU tests deterministic."""
+    """Any Hugging Face causal LM from a directory; eager attention keeps CPU tests deterministic.
+
+    A truncated weights file or weights that do not fit config.json are a `GAGError` naming the file or the
+    folder, not a raw library traceback."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    except Exception as exc:  # safetensors' SafetensorError, torch's RuntimeError, transformers' OSError
+        damaged = damaged_weight_files(path)
+        if damaged:
+            raise GAGError(f"{', '.join(damaged)}: cannot read the weights ({type(exc).__name__}: {exc}); the file "
+                           "is truncated or damaged: rebuild the artifact or copy it again") from exc
+        if "size mismatch" in str(exc):
+            raise GAGError(f"model directory {path}: the weights do not match config.json ({exc})") from exc
+        raise
 
 
 def fingerprint_dir(path: str | Path) -> str:

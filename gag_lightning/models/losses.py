@@ -141,11 +141,16 @@ def answer_nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tenso
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:].to(logits.device)
     keep = shift_labels != IGNORE_INDEX
-    selected = shift_logits[keep].float()
+    return token_nll(shift_logits[keep], shift_labels[keep], reduction)
+
+
+def token_nll(selected: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """`answer_nll` on logits ``[N, V]`` already taken at the answer positions (see
+    ``models/shared_prefix.answer_token_logits``), upcast to fp32; no position gives 0, attached to the graph."""
+    selected = selected.float()
     if selected.shape[0] == 0:
         return selected.sum()  # an empty sum: 0.0, finite even if logits hold inf, and attached to the graph
-    targets = shift_labels[keep]
-    return F.cross_entropy(selected, targets, reduction=reduction)
+    return F.cross_entropy(selected, targets.to(selected.device), reduction=reduction)
 
 
 __all__ = [
@@ -158,5 +163,6 @@ __all__ = [
     "diversity_loss",
     "gag_loss",
     "masked_mean",
+    "token_nll",
     "semantic_loss",
 ]

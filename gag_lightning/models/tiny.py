@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from gag_lightning.artifacts import apply_umask
+
 TINY_BUILDER_VERSION = 1
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -54,8 +56,12 @@ def _corpus(corpus_files: Sequence[str | os.PathLike]) -> list[str]:
     return texts
 
 
-def build_tokenizer(corpus_files: Sequence[str | os.PathLike] = (), vocab_size: int = 1024):
-    """Byte-level BPE (every string encodes, nothing is unknown) with Qwen3-style specials."""
+def build_tokenizer(corpus_files: Sequence[str | os.PathLike] = (), vocab_size: int = 1024,
+                    extra_special_tokens: Sequence[str] = ()):
+    """Byte-level BPE (every string encodes, nothing is unknown) with Qwen3-style specials.
+
+    ``extra_special_tokens`` adds special tokens no template uses (like SmolLM2's ``<gh_stars>``): a tokenizer
+    with a spare special token, for the placeholder tests (prompts.choose_placeholder)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,7 +70,7 @@ def build_tokenizer(corpus_files: Sequence[str | os.PathLike] = (), vocab_size: 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -73,7 +79,7 @@ def build_tokenizer(corpus_files: Sequence[str | os.PathLike] = (), vocab_size: 
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>", *extra_special_tokens],
     )
     fast.chat_template = QWEN3_STYLE_TEMPLATE
     return fast
@@ -98,18 +104,23 @@ def build_tiny_lm(
     vocab_size: int = 1024,
     max_position_embeddings: int = 2048,
     corpus_files: Sequence[str | os.PathLike] = (),
+    extra_special_tokens: Sequence[str] = (),
 ) -> Path:
-    """Build (once, cached by content hash) a tiny Qwen3 causal LM directory and return its path."""
+    """Build (once, cached by content hash) a tiny Qwen3 causal LM directory and return its path.
+
+    Its embeddings have exactly one row per token (no spare row, like SmolLM2)."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     params = dict(version=TINY_BUILDER_VERSION, role=role, seed=seed, hidden=hidden_size, layers=num_layers,
                   heads=num_heads, kv=num_kv_heads, inter=intermediate_size, vocab=vocab_size,
                   max_pos=max_position_embeddings)
+    if extra_special_tokens:  # only then: the folders of the models without any keep their names
+        params["extra_special"] = list(extra_special_tokens)
     corpus_files = [str(f) for f in corpus_files]
     out = Path(cache_root) / f"tiny-{role}-{_digest(params, corpus_files)}"
     if (out / "config.json").is_file():
         return out
-    tokenizer = build_tokenizer(corpus_files, vocab_size)
+    tokenizer = build_tokenizer(corpus_files, vocab_size, list(extra_special_tokens))
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -136,6 +147,7 @@ def build_tiny_lm(
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    apply_umask(tmp)  # safetensors writes model.safetensors 0600
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first: theirs is identical
@@ -200,6 +212,7 @@ def build_tiny_encoder(
     # flatten: the sentence-transformers directory is the encoder directory (like the MiniLM package's)
     shutil.move(str(tmp / "st"), str(out.with_name(out.name + f".st-{os.getpid()}")))
     shutil.rmtree(tmp)
+    apply_umask(out.with_name(out.name + f".st-{os.getpid()}"))
     try:
         os.replace(out.with_name(out.name + f".st-{os.getpid()}"), out)
     except OSError:

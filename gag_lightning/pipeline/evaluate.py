@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import read_manifest, write_manifest
+from gag_lightning.artifacts import atomic_write_text, read_manifest, unfinished_inputs, write_manifest
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.memory.bank import MemoryBank
@@ -111,7 +111,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         write_outputs,
         write_split_outputs,
     )
-    from gag_lightning.models.adapter import load_adapter
+    from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
     from gag_lightning.pipeline.gag import base_identity, gag_adapter_dir, load_base, memory_bank_dir
 
@@ -146,11 +146,15 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     device = eval_device(cfg)
+    unfinished = unfinished_inputs(stage_key(cfg, "eval"))
+    if unfinished:
+        log.warning("[eval] allow_unfinished=true: reading unfinished upstream folder(s) %s", unfinished)
 
     # ---- what every split shares: the base (+ adapter, LoRA, expert), the scorers, the RAG index
-    base, tokenizer, gag_id, base_dir = load_base(cfg)
+    base, tokenizer, placeholder, base_dir = load_base(cfg)
     base.to(device)
     adapter = None
+    notes: list[str] = []
     if needs_gag:
         adapter = load_adapter(adapter_dir, device=device)
         adapter.eval()
@@ -158,6 +162,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         if have and have != want:
             raise SchemaMismatchError(f"adapter {adapter_dir} was trained on base {have}, this run's base is {want}; "
                                       "evaluate with the base it was trained on or retrain the adapter")
+        placeholder = adapter_placeholder(adapter.config, tokenizer)  # what training marked the slots with
+        note = selection_note(adapter.config)
+        if note:
+            log.warning("[eval] %s", note)
+            notes.append(note)
     lora = None
     if lora_dir is not None:  # after base.to(device): peft puts the LoRA layers beside the base's weights
         check_lora_base(lora_dir, base_dir)
@@ -186,10 +195,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         memories = bank.memories(dtype=None)
         if node.get("max_records"):
             metas, memories = metas[: int(node.max_records)], memories[: int(node.max_records)]
-        items = items_from_metas(metas, cfg.domain.instruction)
+        items = items_from_metas(metas)
         retrieval = rag_retrieval(cfg, items, index=rag_index, label=split) if rag_index is not None else None
-        harness = EvalHarness(base, tokenizer, decoding_config(cfg), adapter=adapter, gag_token_id=gag_id,
-                              memories=memories, request_text=cfg.domain.request_text, expert=expert,
+        harness = EvalHarness(base, tokenizer, decoding_config(cfg), adapter=adapter, gag_token_id=placeholder.id,
+                              memories=memories, request_text=cfg.domain.request_text,
+                              instruction=str(cfg.domain.instruction or ""), expert=expert,
                               expert_tokenizer=expert_tok, shuffle_seed=int(node.shuffle_seed),
                               enable_thinking=bool(node.get("enable_thinking", False)),
                               retrieved=retrieval.passages if retrieval else None,
@@ -199,15 +209,23 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         result.settings.update(split=split, bank=str(bank_dirs[split]),
                                adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
                                bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
-                               bertscore_layer=scorers["bertscore_f1"].num_layers)
+                               bertscore_layer=scorers["bertscore_f1"].num_layers, notes=list(notes))
+        if adapter is not None:
+            result.settings["adapter_selection"] = dict(adapter.config.selection)
         if retrieval is not None:
             result.settings["rag"].update(retrieval.settings, passage_ids=retrieval.passage_ids)
         if lora_dir is not None:
             result.settings.update(lora=str(lora_dir), lora_bytes=lora_bytes(lora_dir))
+        if unfinished:
+            result.settings.update(allow_unfinished=True, unfinished_inputs=unfinished)
         results[split], titles[split] = result, split_title(cfg, split, len(items))
         paths[split] = write_outputs(out_dir / split, result, titles[split])
         metrics.update(flat_metrics(result.summary, prefix=f"eval/{split}"))
     top = write_split_outputs(out_dir, results, titles)
+    if unfinished:  # stamped at the top of the report: these numbers came from folders whose stage did not finish
+        stamp = ("> **allow_unfinished=true**: evaluated with upstream folder(s) whose stage did not finish (no "
+                 f"manifest.json): {', '.join(unfinished)}\n\n")
+        atomic_write_text(top["report"], stamp + top["report"].read_text(encoding="utf-8"))
 
     loggers = make_loggers(cfg, "eval")
     for logger in loggers:

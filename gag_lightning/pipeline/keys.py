@@ -2,22 +2,100 @@
 
 Two runs with the same model, data, hyper-parameters and seed share one folder (so the pipeline
 can skip finished stages and sweeps reuse experts and backgrounds); anything that changes the
-result (another seed, another S) gets its own folder. No timestamps are involved.
+result (another seed, another S, another encoder) gets its own folder. No timestamps are involved.
+
+The contract, checked by `tests/test_keys.py` over every leaf of the composed config: each leaf either changes
+the key of a stage that reads it, or is in `RUNTIME_ONLY` (the one allowlist of leaves that change speed,
+logging or where outputs go, never an artifact's content). Inputs enter a key by content, not location:
+a data file by its sha256, a model directory by a fingerprint of its files, an upstream folder given by
+path (`gag.memory_dir=`, `eval.adapter=`, `sft.init_from=`, ...) by its manifest's hash. A folder of this
+project without a finished manifest (its stage was killed) is refused by every stage that reads it, unless
+`allow_unfinished=true`: then its file listing enters the key and the manifests say so.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gag_lightning.artifacts import config_hash
+from gag_lightning.artifacts import MANIFEST, UNFINISHED, config_hash, listing_digest, manifest_digest
+from gag_lightning.errors import MissingArtifactError, UnfinishedArtifactError
 
-# keys that change speed or logging but not results
-_NON_RESULT_KEYS = {"num_workers", "eval_batch_size", "log_every_n_steps", "report_before_after",
-                    "sample_answers", "generation_batch_size", "progress", "num_sanity_val_steps"}
+# The one allowlist: config leaves (dotted paths, fnmatch patterns) that never change an artifact's content.
+# A leaf that is not here is in the key of every stage that reads it (tests/test_keys.py checks both ways).
+RUNTIME_ONLY: dict[str, str] = {
+    # run control, labels, logging
+    "task_name": "names the run folder",
+    "print_config": "prints the config tree",
+    "tags": "logger tags",
+    "stage_name": "a label of the stage preset",
+    "run_stages": "which stages run, not what any of them makes",
+    "sweep_name": "names the multirun folder",
+    "optimized_metric": "the number a sweep reports",
+    "allow_unfinished": "an unfinished upstream folder enters the key by its file listing either way; the flag "
+                        "itself is stamped in the manifest and the eval report",
+    "logger.*": "loggers",
+    "*.log_every_n_steps": "logging cadence",
+    "*.progress": "progress bars",
+    # where things are written and cached: the artifact folder path holds paths.artifacts, model and domain names
+    "paths.log_dir": "output location",
+    "paths.artifacts": "output location (the folder path, not the hash)",
+    "paths.output_dir": "output location",
+    "paths.cache_dir": "cache of converted / tiny models, rebuilt identically from their specs",
+    "model.name": "in the artifact folder path <artifacts>/<model>/<domain>/",
+    "domain.name": "in the artifact folder path <artifacts>/<model>/<domain>/",
+    # speed and placement: the same computation (up to float rounding) on other hardware or batch shapes
+    "hardware.name": "a label",
+    "*.num_workers": "data-loading processes",
+    "hardware.generation_batch_size": "inference batch size (generation, compression, scoring)",
+    "memory.generation.batch_size": "inference batch size",
+    "memory.compression.batch_size": "inference batch size",
+    "memory.compression.shard_size": "records per bank file (the resume granularity)",
+    "eval.decoding.batch_size": "inference batch size",
+    "eval.bertscore.batch_size": "scoring batch size",
+    "eval.sts.batch_size": "scoring batch size",
+    "*.eval_batch_size": "validation batch size",
+    "*.gradient_checkpointing": "recomputes activations instead of storing them: the same gradients",
+    "*.num_sanity_val_steps": "a check before training, nothing trained",
+    "checkpoint_every_n_steps": "how often the trainer's resume state is saved (a resumed run is bit-identical)",
+    "keep_checkpoints": "whether the resume state is deleted after the artifact is finished",
+    "trainer.accelerator": "device placement",
+    "trainer.devices": "device placement",
+    "trainer.num_nodes": "device placement",
+    "trainer.strategy": "device placement",
+    "trainer.strategy.*": "device placement",
+    "trainer.deterministic": "deterministic kernels where torch has both kinds: the same computation up to float "
+                             "rounding, like another device (debug presets set it)",
+    # outputs that are reports, not the artifact's weights
+    "sft.report_before_after": "report.json of the sft artifact only (the expert does not depend on it)",
+    "sft.sample_answers": "report.json of the sft artifact only",
+    # not read by any stage of train.py
+    "model.*.description": "help text of a model spec",
+    "model.encoders.minilm.*": "a YAML anchor: its values are copied into the encoder specs when the preset loads",
+    "model.encoders.tiny.*": "a YAML anchor: its values are copied into the encoder specs when the preset loads",
+    "domain.router_pool": "route.py only (its prototype banks are keyed by the pool's content and the encoder)",
+    "domain.general_pool": "route.py only",
+    "domain.mixed_test": "route.py only",
+    "domain.dataset_names": "route.py only",
+    "router.*": "route.py only: prototype banks have their own key (pool content, k-means settings, encoder)",
+    "mode": "route.py only",
+    "query": "route.py only",
+}
+
+STAGES = ("dapt", "sft", "backgrounds", "memory", "gag", "lora", "eval")
+# folders this project writes: `<stage>-<10 hex>` under <artifacts>/<model>/<domain>/
+_ARTIFACT_NAME = re.compile(r"^(dapt|sft|backgrounds|memory|gag|lora|eval)-[0-9a-f]{10}$")
+
+
+def runtime_only(path: str) -> bool:
+    """Whether the dotted config path is in the allowlist `RUNTIME_ONLY`."""
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in RUNTIME_ONLY)
+
 
 _digest_cache: dict[tuple[str, float, int], str] = {}
 
@@ -40,17 +118,44 @@ def file_digest(path: str | Path | None) -> str | None:
     return _digest_cache[cache_key]
 
 
-def _strip(node: Any) -> Any:
-    """Drop non-result keys; a data file named by an absolute path is keyed by its content digest instead.
+_folder_cache: dict[tuple[Any, ...], str] = {}
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """Content identity of a folder not made by this project (a model or peft directory): each top-level file's
+    name, size and first and last MiB. Cheap on an 8B checkpoint, and it tells checkpoints apart in practice."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    cache_key = (str(folder.resolve()), stats)
+    if cache_key not in _folder_cache:
+        h = hashlib.sha256()
+        for path, (name, size, _) in zip(files, stats, strict=True):
+            h.update(f"{name}\0{size}\0".encode())
+            with path.open("rb") as handle:
+                h.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                h.update(handle.read(1 << 20))
+        _folder_cache[cache_key] = h.hexdigest()[:16]
+    return _folder_cache[cache_key]
+
+
+def _strip(node: Any, prefix: str) -> Any:
+    """Drop allowlisted leaves; a string naming an existing data file is keyed by the file's content digest.
 
     With paths in the key, a moved checkout or another mount point of the same data would recompute
     every stage; with digests, an edited file still invalidates what was built from it.
     """
     if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if k not in _NON_RESULT_KEYS}
+        out = {}
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if not runtime_only(path):
+                out[k] = _strip(v, path)
+        return out
     if isinstance(node, list):
-        return [_strip(v) for v in node]
-    if isinstance(node, str) and node.startswith("/") and Path(node).is_file():
+        return [_strip(v, prefix) for v in node]
+    if isinstance(node, str) and "/" in node and Path(node).is_file():
         return f"file:{file_digest(node)}"
     return node
 
@@ -99,15 +204,76 @@ def memory_splits(cfg: DictConfig) -> list[str]:
     return list(dict.fromkeys(splits))
 
 
-# memory-stage keys that set throughput or resume granularity, not the tokens or tensors produced
-_MEMORY_RUNTIME_KEYS = {"batch_size", "shard_size", "progress"}
+# ------------------------------------------------------------------------------------------ explicit upstream folders
+def allow_unfinished(cfg: DictConfig) -> bool:
+    return bool(cfg.get("allow_unfinished", False))
 
 
+def _made_here(cfg: DictConfig, folder: Path) -> bool:
+    """A folder this project's stages write (by its name, or by lying under paths.artifacts)."""
+    if _ARTIFACT_NAME.match(folder.name) or (folder.name == "last" and _ARTIFACT_NAME.match(folder.parent.name)):
+        return True
+    root = OmegaConf.select(cfg, "paths.artifacts", default=None)
+    if root:
+        try:
+            folder.resolve().relative_to(Path(str(root)).resolve())
+            return True
+        except ValueError:
+            pass
+    return False
+
+
+def upstream_folder(cfg: DictConfig, option: str, value: Any, external_ok: bool = False) -> tuple[Path, dict[str, Any]]:
+    """(folder, key part) of an upstream folder given by path in config option `option`.
+
+    A finished artifact (it has `manifest.json`; for an adapter's `last/` the parent's) enters a key by the
+    manifest's hash, so a moved folder keeps its key and a rebuilt one gets a new key. Without a finished
+    manifest, a folder of this project is refused (its stage was killed: the content is partial), unless
+    `allow_unfinished=true`; with `external_ok`, a folder made elsewhere (a downloaded model, a peft LoRA)
+    enters by a fingerprint of its files.
+    """
+    folder = Path(str(value)).expanduser()
+    if not folder.is_dir():
+        raise MissingArtifactError(f"{option}={value}: no such folder")
+    digest = manifest_digest(folder)
+    if digest is not None:
+        return folder, {"manifest": digest}
+    if folder.name == "last" and manifest_digest(folder.parent) is not None:
+        return folder, {"manifest": manifest_digest(folder.parent), "subfolder": "last"}
+    if external_ok and not _made_here(cfg, folder):
+        return folder, {"fingerprint": folder_fingerprint(folder)}
+    if allow_unfinished(cfg):
+        return folder, {UNFINISHED: str(folder), "listing": listing_digest(folder)}
+    raise UnfinishedArtifactError(
+        f"{option}={folder}: the folder has no {MANIFEST}, so the stage that writes it did not finish (it was killed "
+        f"or is still running) and its content may be partial. Rerun that stage to finish it, or point {option} at "
+        f"a finished artifact; to use it anyway pass allow_unfinished=true (stamped in the manifests and the eval "
+        f"report)."
+    )
+
+
+_MODEL_SPEC_DROP = ("description",)
+
+
+def model_identity(spec: Any) -> dict[str, Any]:
+    """A model spec (model.expert, model.base, model.encoders.*) as it enters a key: the spec, and for a local
+    directory also a fingerprint of its files (new weights at the same path change the key)."""
+    node = {k: v for k, v in dict(container(spec)).items() if k not in _MODEL_SPEC_DROP}
+    node = _strip(node, "")
+    if node.get("source", "local") == "local" and node.get("path"):
+        path = Path(str(node["path"])).expanduser()
+        if path.is_dir():
+            node["fingerprint"] = folder_fingerprint(path)
+    return node
+
+
+# ------------------------------------------------------------------------------------------ stage keys
 def _node(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    if stage in ("backgrounds", "memory"):
-        node = _strip(container(cfg.memory.generation if stage == "backgrounds" else cfg.memory.compression))
-        return {k: v for k, v in node.items() if k not in _MEMORY_RUNTIME_KEYS}
-    return _strip(container(cfg[stage]))
+    if stage == "backgrounds":
+        return _strip(container(cfg.memory.generation), "memory.generation")
+    if stage == "memory":
+        return _strip(container(cfg.memory.compression), "memory.compression")
+    return _strip(container(cfg[stage]), stage)
 
 
 def _drop_recipe_switches_when_off(node: dict[str, Any]) -> None:
@@ -121,65 +287,154 @@ def _drop_recipe_switches_when_off(node: dict[str, Any]) -> None:
         node.pop("recon_steps", None)
 
 
-def _expert_source(cfg: DictConfig, init: Any) -> dict[str, Any]:
-    """Key part naming the expert weights: an upstream artifact's hash, the preset's model, or a path."""
+def _expert_source(cfg: DictConfig, option: str, init: Any, memo: dict[str, Any]) -> dict[str, Any]:
+    """Key part naming the expert weights: an upstream artifact's hash, the preset's model, or a folder."""
     if init in ("dapt", "sft"):
-        return {"upstream": config_hash(stage_key(cfg, init))}
+        return {"upstream": _upstream_hash(cfg, init, memo)}
     if init in (None, "base"):
-        return {"model": container(cfg.model.expert)}
-    return {"model": str(init)}
+        return {"model": model_identity(cfg.model.expert)}
+    return {"model_dir": upstream_folder(cfg, option, init, external_ok=True)[1]}
+
+
+def _memory_source(cfg: DictConfig, memo: dict[str, Any]) -> dict[str, Any]:
+    """The memory banks gag and eval read: `gag.memory_dir` by its manifest, else this config's memory artifact."""
+    override = cfg.gag.get("memory_dir") if cfg.get("gag") is not None else None
+    if override:
+        return {"memory_dir": upstream_folder(cfg, "gag.memory_dir", override)[1]}
+    return {"upstream": _upstream_hash(cfg, "memory", memo)}
+
+
+def _gag_key(cfg: DictConfig, key: dict[str, Any], memo: dict[str, Any]) -> None:
+    node = key["config"]
+    node.pop("memory_dir", None)
+    init_adapter = node.pop("init_adapter", None)
+    key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=model_identity(cfg.model.base),
+               base_dtype=str(cfg.hardware.get("base_dtype", "float32")), request_text=cfg.domain.request_text,
+               instruction=cfg.domain.instruction)
+    source = _memory_source(cfg, memo)
+    key["upstream" if "upstream" in source else "memory_dir"] = next(iter(source.values()))
+    if init_adapter:
+        key["init_adapter"] = upstream_folder(cfg, "gag.init_adapter", init_adapter)[1]
+    weights = node.get("loss_weights") or {}
+    if float(weights.get("sem", 0.0) or 0.0) > 0:  # the semantic target's encoder (METHOD.md section 4)
+        key["semantic_encoder"] = model_identity(cfg.model.encoders.semantic)
+    if str(node.get("init", "random")) == "token_alignment" and not init_adapter:
+        # the projector is fitted on the memory expert's reading of the backgrounds (and the knowledge base)
+        alignment = node.get("alignment") or {}
+        key["alignment_inputs"] = {
+            "expert": _expert_source(cfg, "memory.expert", cfg.memory.get("expert", "sft"), memo),
+            "generation": _node(cfg, "backgrounds"),
+            "knowledge_base": file_digest(cfg.domain.knowledge_base) if alignment.get("knowledge_base", True) else None,
+        }
+    _drop_recipe_switches_when_off(node)
+
+
+def _eval_key(cfg: DictConfig, key: dict[str, Any], memo: dict[str, Any]) -> None:
+    node = key["config"]
+    adapter, lora_adapter = node.pop("adapter", None), node.pop("lora_adapter", None)
+    # the evaluated splits, however they were named (`eval.splits`, a legacy `eval.split`)
+    node["splits"] = eval_splits(cfg)
+    node.pop("split", None)
+    systems = [str(s) for s in (cfg.eval.get("systems") or [])]
+    enc = cfg.model.encoders
+    key.update(base=model_identity(cfg.model.base), base_dtype=str(cfg.hardware.get("base_dtype", "float32")),
+               instruction=cfg.domain.instruction, request_text=cfg.domain.request_text,
+               scorers={"bertscore": model_identity(enc.bertscore), "sts": model_identity(enc.sts)},
+               banks=_memory_source(cfg, memo))
+    if any(s in ("gag", "gag_shuffled") for s in systems):
+        if adapter:
+            key["adapter"] = upstream_folder(cfg, "eval.adapter", adapter)[1]
+        else:
+            key["upstream"] = _upstream_hash(cfg, "gag", memo)
+    if "expert" in systems:
+        key["expert"] = _upstream_hash(cfg, "sft", memo)
+    # eval.rag is in the config with the rest of the eval node; the rag system also reads the knowledge base (and
+    # the dense retriever the router encoder). Without rag none of it matters, and its settings leave the key
+    if "rag" in systems:
+        key["knowledge_base"] = file_digest(cfg.domain.knowledge_base)
+        if str(cfg.eval.rag.get("retriever")) == "dense":
+            key["rag_encoder"] = model_identity(enc.router)
+    else:
+        node.pop("rag", None)
+    if "lora" in systems:
+        if lora_adapter:
+            key["lora_adapter"] = upstream_folder(cfg, "eval.lora_adapter", lora_adapter, external_ok=True)[1]
+        else:
+            key["lora"] = _upstream_hash(cfg, "lora", memo)
+
+
+def _upstream_hash(cfg: DictConfig, stage: str, memo: dict[str, Any]) -> str:
+    """An upstream stage's key hash, computed once per top-level `stage_key` call."""
+    if stage not in memo:
+        memo[stage] = config_hash(_stage_key(cfg, stage, memo))
+    return memo[stage]
 
 
 def stage_key(cfg: DictConfig, stage: str) -> dict[str, Any]:
     """Everything that determines `stage`'s artifact, upstream stages' keys included (by hash).
 
     Stages: dapt, sft, backgrounds (expert generations), memory (compressed bank), gag (adapter), lora (the
-    LoRA baseline), eval (keyed by the LoRA too when it is among the evaluated systems).
+    LoRA baseline), eval (keyed by each evaluated system's inputs). Raises for an upstream folder given by
+    path that does not exist or is unfinished (see `upstream_folder`).
     """
+    return _stage_key(cfg, stage, {})
+
+
+def stage_hashes(cfg: DictConfig, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
+    """The key hash of every stage, each computed once (the folder names are `<stage>-<hash[:10]>`)."""
+    memo: dict[str, Any] = {}
+    return {stage: _upstream_hash(cfg, stage, memo) for stage in stages}
+
+
+def _stage_key(cfg: DictConfig, stage: str, memo: dict[str, Any]) -> dict[str, Any]:
     key: dict[str, Any] = {"stage": stage, "config": _node(cfg, stage)}
-    if stage == "dapt":
-        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision),
-                   data=file_digest(cfg.domain.knowledge_base), **_expert_source(cfg, cfg.dapt.get("init_from")))
-    elif stage == "sft":
-        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), instruction=cfg.domain.instruction,
-                   data=[file_digest(cfg.domain.train), file_digest(cfg.domain.dev)],
-                   **_expert_source(cfg, cfg.sft.get("init_from")))
+    if stage in ("dapt", "sft"):
+        init = key["config"].pop("init_from", None)
+        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), model_dtype=str(cfg.model.dtype),
+                   **_expert_source(cfg, f"{stage}.init_from", init, memo))
+        if stage == "dapt":
+            key["data"] = file_digest(cfg.domain.knowledge_base)
+        else:
+            key.update(instruction=cfg.domain.instruction, data=[file_digest(cfg.domain.train),
+                                                                 file_digest(cfg.domain.get("dev"))])
     elif stage == "backgrounds":
         splits = memory_splits(cfg)
         key.update(data={s: file_digest(cfg.domain.get(s)) for s in splits},
-                   **_expert_source(cfg, cfg.memory.get("expert", "sft")))
+                   **_expert_source(cfg, "memory.expert", cfg.memory.get("expert", "sft"), memo))
         if cfg.memory.get("max_records") is not None:
             key["max_records"] = container(cfg.memory.max_records)
         if key["config"].get("do_sample"):
             key["seed"] = cfg.seed
     elif stage == "memory":
-        key["upstream"] = config_hash(stage_key(cfg, "backgrounds"))
+        key["upstream"] = _upstream_hash(cfg, "backgrounds", memo)
     elif stage == "gag":
-        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=container(cfg.model.base),
-                   upstream=config_hash(stage_key(cfg, "memory")), request_text=cfg.domain.request_text,
-                   instruction=cfg.domain.instruction)
-        _drop_recipe_switches_when_off(key["config"])
+        _gag_key(cfg, key, memo)
     elif stage == "lora":
         from gag_lightning.pipeline.lora import record_selection
 
-        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=_strip(container(cfg.model.base)),
+        key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=model_identity(cfg.model.base),
                    instruction=cfg.domain.instruction, records=record_selection(cfg))
     elif stage == "eval":
-        key.update(upstream=config_hash(stage_key(cfg, "gag")))
-        # the evaluated splits, however they were named (`eval.splits`, a legacy `eval.split`)
-        key["config"]["splits"] = eval_splits(cfg)
-        key["config"].pop("split", None)
-        # eval.rag is in key["config"] with the rest of the eval node; the rag system also reads the knowledge
-        # base. Without rag neither matters, and its settings leave the key (the hash stays what it was before)
-        if "rag" in list(cfg.eval.get("systems") or []):
-            key["knowledge_base"] = file_digest(cfg.domain.knowledge_base)
-        else:
-            key["config"].pop("rag", None)
-        if "lora" in cfg.eval.systems and not cfg.eval.get("lora_adapter"):
-            key["lora"] = config_hash(stage_key(cfg, "lora"))
+        _eval_key(cfg, key, memo)
     else:
         raise ValueError(f"no artifact key defined for stage '{stage}'")
+    if stage in TRAINED:
+        _debug_trainer_key(cfg, key)
     return key
+
+
+# stages whose Trainer takes a debug preset's `debug.trainer` flags (pipeline.trainer.build_trainer)
+TRAINED = ("dapt", "sft", "gag", "lora")
+
+
+def _debug_trainer_key(cfg: DictConfig, key: dict[str, Any]) -> None:
+    """A debug preset's Trainer flags (fast_dev_run, limit_*_batches, overfit_batches, epochs) change what a
+    training stage makes: in its key (and through the upstream hashes in every later stage's), only when set, so
+    the keys of ordinary runs are unchanged."""
+    node = OmegaConf.select(cfg, "debug.trainer", default=None)
+    flags = _strip(container(node), "debug.trainer") if node else {}
+    if flags:
+        key["debug_trainer"] = flags
 
 
 def artifact_dir(cfg: DictConfig, stage: str) -> Path:

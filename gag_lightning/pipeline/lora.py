@@ -17,12 +17,21 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
+from gag_lightning.artifacts import MANIFEST, apply_umask, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
-from gag_lightning.errors import MissingArtifactError, SchemaMismatchError
+from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
-from gag_lightning.pipeline.trainer import build_trainer, finish_loggers, global_rank, make_loggers
+from gag_lightning.pipeline.trainer import (
+    build_trainer,
+    finish_loggers,
+    global_rank,
+    make_loggers,
+    remove_checkpoints,
+    resume_path,
+    sharded_final_checkpoint,
+    stage_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ def save_lora(model: Any, folder: Path) -> None:
     """Only the LoRA tensors and their config; embeddings are never saved (``save_embedding_layers=False``:
     peft's "auto" would save them whenever the vocabulary differs from the base's config)."""
     model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    apply_umask(folder)  # safetensors writes its file 0600
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the artifact
 
 
@@ -84,7 +94,19 @@ def load_lora(base: Any, folder: str | Path) -> Any:
     """
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    from gag_lightning.models.loading import damaged_weight_files
+
+    try:
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    except Exception as exc:  # a raw library error otherwise: name the folder and what is wrong in it
+        damaged = damaged_weight_files(folder)
+        if damaged:
+            raise GAGError(f"{', '.join(damaged)}: cannot read the LoRA weights ({type(exc).__name__}: {exc}); the "
+                           "file is truncated or damaged") from exc
+        if "size mismatch" in str(exc):
+            raise SchemaMismatchError(f"LoRA folder {folder}: {LORA_CONFIG} does not match the weights or the base "
+                                      f"({exc})") from exc
+        raise
     model.eval()
     return model
 
@@ -94,7 +116,7 @@ def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     from gag_lightning.pipeline.gag import _upstream_dir
 
     folder = _upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
-                           "lora from eval.systems")
+                           "lora from eval.systems", option="eval.lora_adapter", external_ok=True)
     if not (folder / LORA_CONFIG).is_file():
         raise MissingArtifactError(f"LoRA folder {folder} has no {LORA_CONFIG}")
     return folder
@@ -109,6 +131,26 @@ def check_lora_base(folder: Path, base_dir: Path) -> None:
     if have and have != want:
         raise SchemaMismatchError(f"LoRA {folder} was trained on base {have}, this run's base is {want}; evaluate "
                                   "with the base it was trained on or retrain it")
+
+
+def _final_lora(trainer: Any, model: Any, checkpoint: Any, base_dir: Path, node: DictConfig) -> Any:
+    """The trained LoRA model to save: the live one, or under FSDP (sharded parameters) a fresh LoRA on the base
+    with the final LoRA weights of ``last.ckpt`` (the full state Lightning gathered, ``weights_only`` load)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return model
+    from peft import get_peft_model
+
+    from gag_lightning.callbacks import trained_state
+
+    fresh = get_peft_model(load_causal_lm(base_dir, node.get("model_dtype", "float32")), lora_config(node))
+    last = sharded_final_checkpoint(trainer, checkpoint, "lora")
+    state = trained_state(last, "model.")
+    missing = fresh.load_state_dict(state, strict=False)
+    if missing.unexpected_keys or any("lora_" in k for k in missing.missing_keys):
+        raise GAGError(f"{last} does not hold this LoRA's weights ({missing})")
+    return fresh
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -129,6 +171,7 @@ def run_lora(cfg: DictConfig) -> dict[str, Any]:
     manifest = read_manifest(out_dir)
     if manifest is not None:
         log.info("[lora] artifact already complete for this configuration: %s (skipping)", out_dir)
+        remove_checkpoints(cfg, out_dir)  # left by a kill between the manifest and their removal
         return {"artifact": str(out_dir), "skipped": True, **manifest.get("metrics", {})}
     if out_dir.exists() and global_rank() == 0:  # an interrupted earlier attempt (no manifest): nothing is trusted
         shutil.rmtree(out_dir)
@@ -144,18 +187,20 @@ def run_lora(cfg: DictConfig) -> dict[str, Any]:
     datamodule = LoRADataModule(records, tokenizer, instruction=cfg.domain.instruction,
                                 request_text=GENERAL_REQUEST_TEXT, max_length=int(node.max_length),
                                 batch_size=int(node.batch_size), num_workers=int(node.get("num_workers", 0)),
-                                enable_thinking=bool(node.get("enable_thinking", False)))
+                                enable_thinking=bool(node.get("enable_thinking", False)), seed=int(cfg.seed))
     datamodule.setup("fit")
     module = LoRAModule(model, lr=float(node.lr), warmup_ratio=float(node.warmup_ratio),
                         weight_decay=float(node.weight_decay),
                         gradient_checkpointing=bool(node.get("gradient_checkpointing", False)))
     loggers = make_loggers(cfg, "lora")
-    trainer = build_trainer(cfg, "lora", [], loggers, limit_val_batches=0)
-    trainer.fit(module, datamodule=datamodule)
+    checkpoint = stage_checkpoint(cfg, out_dir, monitor=None)  # no validation: the final weights are the result
+    trainer = build_trainer(cfg, "lora", [checkpoint], loggers, limit_val_batches=0)
+    resume = resume_path(checkpoint, "lora")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     finish_loggers(loggers)
     if trainer.is_global_zero:
-        save_lora(model, out_dir)
+        save_lora(_final_lora(trainer, model, checkpoint, base_dir, node), out_dir)
     trainer.strategy.barrier("lora-saved")
     size, base_size = lora_bytes(out_dir), weights_bytes(base_dir)
     metrics.update(lora_bytes=size, base_bytes=base_size, lora_to_base=size / base_size if base_size else float("nan"),
@@ -166,8 +211,9 @@ def run_lora(cfg: DictConfig) -> dict[str, Any]:
                        inputs={"train": str(cfg.domain.get(selection["split"])), "records": selection,
                                "base": str(base_dir), "base_model": base_identity(base_dir)},
                        metrics=metrics,
-                       extra={"global_step": trainer.global_step, "run_dir": str(cfg.paths.output_dir),
-                              "stage_config": container(node)})
+                       extra={"global_step": trainer.global_step, "resumed_from": resume,
+                              "run_dir": str(cfg.paths.output_dir), "stage_config": container(node)})
+        remove_checkpoints(cfg, out_dir)
     trainer.strategy.barrier("lora-manifest")  # no rank moves on before the artifact is complete
     log.info("[lora] done: %s (LoRA %.2f MB = %.2f%% of the base's %.1f MB; %s written last)", out_dir,
              size / 2**20, 100 * size / max(base_size, 1), base_size / 2**20, MANIFEST)

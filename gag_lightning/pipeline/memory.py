@@ -34,7 +34,14 @@ from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBan
 from gag_lightning.memory.extract import CompressionConfig, MemoryJob
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.expert import sft_expert_path
-from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
+from gag_lightning.pipeline.keys import (
+    artifact_dir,
+    container,
+    file_digest,
+    memory_splits,
+    stage_key,
+    upstream_folder,
+)
 from gag_lightning.pipeline.trainer import trainer_kwargs
 from gag_lightning.prompts import stop_token_ids
 
@@ -149,7 +156,7 @@ def memory_expert_path(cfg: DictConfig) -> Path:
         return folder
     if spec in (None, "base"):
         return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
-    path = Path(str(spec))
+    path, _ = upstream_folder(cfg, "memory.expert", spec, external_ok=True)  # refuses an unfinished artifact
     if not (path / "config.json").is_file():
         raise GAGError(f"memory.expert={spec}: not a Hugging Face model directory (no config.json); use sft, dapt, "
                        f"base or a model directory")

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+
+from gag_lightning.callbacks import AtomicCheckpointIO, FractionalEpochs, StageCheckpoint, checkpoint_step
+from gag_lightning.errors import GAGError
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +118,97 @@ def trainer_kwargs(cfg: DictConfig, stage_trainer: DictConfig | dict | None) -> 
     return kwargs
 
 
-def fractional_epochs(kwargs: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
-    """Lightning takes whole epochs; a budget like 1.5 epochs (METHOD.md, adjuvant SFT) becomes max_steps."""
+def _whole_epochs(kwargs: dict[str, Any]) -> float | None:
+    """Lightning takes whole epochs: a fractional ``max_epochs`` becomes its ceiling here (and returns the fraction,
+    which ``FractionalEpochs`` turns into ``max_steps`` once the sharded loader exists)."""
     epochs = kwargs.get("max_epochs")
-    if epochs is not None and float(epochs) != int(float(epochs)):
-        accum = int(kwargs.get("accumulate_grad_batches", 1))
-        steps = math.ceil(float(epochs) * steps_per_epoch / accum)
-        if kwargs.get("max_steps", -1) in (-1, None) or steps < kwargs["max_steps"]:
-            kwargs["max_steps"] = steps
+    if epochs is None:
+        return None
+    if float(epochs) != int(float(epochs)):
         kwargs["max_epochs"] = math.ceil(float(epochs))
-    elif epochs is not None:
-        kwargs["max_epochs"] = int(float(epochs))
-    return kwargs
+        return float(epochs)
+    kwargs["max_epochs"] = int(float(epochs))
+    return None
+
+
+def debug_trainer(cfg: DictConfig) -> dict[str, Any]:
+    """``debug.trainer`` of a debug preset (``debug=fast_dev_run``, ...): Trainer flags for every training stage."""
+    node = OmegaConf.select(cfg, "debug.trainer", default=None)
+    return OmegaConf.to_container(node, resolve=True) if node else {}
 
 
 def build_trainer(cfg: DictConfig, stage: str, callbacks: list[L.Callback], loggers: list[Any],
-                  steps_per_epoch: int | None = None, **overrides: Any) -> L.Trainer:
+                  **overrides: Any) -> L.Trainer:
+    """The stage's Trainer: hardware preset + stage budget + a debug preset's ``debug.trainer`` (+ overrides); a
+    fractional ``max_epochs`` (e.g. 1.5) is honoured per rank (``FractionalEpochs``); with a ``ModelCheckpoint``
+    among the callbacks, checkpoints are written atomically (``AtomicCheckpointIO``)."""
     kwargs = trainer_kwargs(cfg, cfg[stage].get("trainer"))
-    if steps_per_epoch is not None:
-        kwargs = fractional_epochs(kwargs, steps_per_epoch)
+    kwargs.update(debug_trainer(cfg))
+    fraction = _whole_epochs(kwargs)
+    callbacks = list(callbacks)
+    if fraction is not None and "max_steps" not in overrides:
+        callbacks.append(FractionalEpochs(fraction, kwargs.get("max_steps")))
     kwargs.update(overrides)
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    if checkpointing:
+        kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
     root = Path(cfg.paths.output_dir) / stage
     return L.Trainer(callbacks=callbacks, logger=loggers or False, default_root_dir=str(root),
-                     enable_checkpointing=False, **kwargs)
+                     enable_checkpointing=checkpointing, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(artifact: Path) -> Path:
+    """``<artifact>.ckpt/``: the stage's Lightning checkpoints, beside its artifact folder.
+
+    Named by the artifact's key (no timestamp), so a rerun of the same configuration finds them; outside the
+    artifact folder, which counts as finished only once its manifest is written and is rebuilt from scratch
+    otherwise.
+    """
+    return artifact.with_name(f"{artifact.name}.ckpt")
+
+
+def stage_checkpoint(cfg: DictConfig, artifact: Path, monitor: str | None, subdir: str | None = None,
+                     ) -> StageCheckpoint:
+    """The ``StageCheckpoint`` of a stage writing ``artifact`` (``checkpoint_every_n_steps`` optimizer steps)."""
+    folder = checkpoint_dir(artifact) / subdir if subdir else checkpoint_dir(artifact)
+    return StageCheckpoint(folder, monitor=monitor, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps", 50)))
+
+
+def sharded_final_checkpoint(trainer: L.Trainer, checkpoint: StageCheckpoint, stage: str) -> Path:
+    """``last.ckpt``, where an FSDP export reads the final weights (the full state dict Lightning gathered).
+
+    The live parameters are shards; without that file (``fast_dev_run`` writes no checkpoint) there is nothing whole
+    to export, and the stage says so instead of failing on a missing file.
+    """
+    last = checkpoint.last_path
+    if not last.is_file():
+        why = "fast_dev_run writes no checkpoints" if trainer.fast_dev_run else "no checkpoint was written"
+        raise GAGError(f"[{stage}] under FSDP the export reads the final weights from {last}, and {why}: use "
+                       "debug=limit_batches (or another strategy) to check this stage under FSDP")
+    return last
+
+
+def resume_path(checkpoint: StageCheckpoint, stage: str) -> str | None:
+    """``last.ckpt`` of an interrupted earlier run of this configuration (logged with its step), or None."""
+    last = checkpoint.last_path
+    if not last.is_file():
+        return None
+    try:
+        step = checkpoint_step(last)
+    except Exception as exc:  # torch raises several error types for a damaged file
+        raise GAGError(f"[{stage}] cannot read the checkpoint {last} ({exc}); delete {last.parent} to start the stage "
+                       "over") from exc
+    log.info("resuming %s from %s at step %d", stage, last, step)
+    # ModelCheckpoint warns about a non-empty folder; here that is the point
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    return str(last)
+
+
+def remove_checkpoints(cfg: DictConfig, artifact: Path) -> None:
+    """Delete the stage's checkpoints once its artifact is finished, unless ``keep_checkpoints=true`` (rank 0)."""
+    folder = checkpoint_dir(artifact)
+    if cfg.get("keep_checkpoints", False) or global_rank() != 0 or not folder.exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("removed the checkpoints of %s (keep_checkpoints=false)", artifact.name)

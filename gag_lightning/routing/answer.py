@@ -37,6 +37,7 @@ from gag_lightning.errors import GAGError
 from gag_lightning.eval.facts import fact_match, token_f1
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
 from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.eval.limits import check_prompts_fit
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
 from gag_lightning.memory.background import background_prompt_ids
 from gag_lightning.memory.extract import extract_memories
@@ -133,8 +134,8 @@ def _peak_rss_bytes() -> int:
 class DomainRoute:
     """A domain route, loaded: its expert (+ tokenizer, stop ids) and its adapter, for its profile."""
 
-    def __init__(self, profile: RouteProfile, device: torch.device) -> None:
-        from gag_lightning.models.adapter import load_adapter
+    def __init__(self, profile: RouteProfile, device: torch.device, base_tokenizer: Any) -> None:
+        from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
         from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 
         if profile.is_general:
@@ -145,6 +146,9 @@ class DomainRoute:
         self.expert_tokenizer = load_tokenizer(profile.expert_dir)
         self.adapter = load_adapter(profile.adapter_dir, device=device).eval()
         self.adapter.requires_grad_(False)
+        # the slot placeholder the adapter was trained with, checked against the shared base's tokenizer
+        self.placeholder = adapter_placeholder(self.adapter.config, base_tokenizer)
+        self.selection_note = selection_note(self.adapter.config)
         self.stop_ids = list(profile.stop_ids or stop_token_ids(
             self.expert_tokenizer, getattr(self.expert, "generation_config", None)))
 
@@ -153,10 +157,13 @@ class DomainRoute:
         records = [QARecord(index=i, id=str(i), question=q, answer="") for i, q in enumerate(questions)]
         return background_prompt_ids(self.expert_tokenizer, records, self.profile.background)
 
-    def backgrounds(self, questions: Sequence[str], batch_size: int) -> tuple[list[list[int]], list[Any]]:
-        """(prompt ids, generations): the memory stage's decoding (continuous batching, shared prefix)."""
+    def backgrounds(self, questions: Sequence[str], batch_size: int,
+                    labels: Sequence[str] | None = None) -> tuple[list[list[int]], list[Any]]:
+        """(prompt ids, generations): the memory stage's decoding (continuous batching, shared prefix); a prompt
+        longer than the expert's positions is refused naming its ``labels`` entry."""
         bg = self.profile.background
         prompts = self.background_prompts(questions)
+        check_prompts_fit(self.expert, prompts, bg.max_new_tokens, labels)
         decoding = DecodingConfig(max_new_tokens=bg.max_new_tokens, do_sample=bg.do_sample,
                                   temperature=bg.temperature, top_p=bg.top_p, batch_size=batch_size)
         if bg.do_sample:
@@ -193,7 +200,9 @@ class RouteAnswerer:
         if GENERAL not in self.profiles:
             self.profiles[GENERAL] = general_profile(cfg)
         self.rss_before_models = _rss_bytes()
-        self.base, self.tokenizer, self.gag_id, self.base_dir = load_base(cfg)
+        # the base's own placeholder: suppressed in every route's decoding (a domain route marks its slots with the
+        # placeholder its adapter recorded, DomainRoute.placeholder)
+        self.base, self.tokenizer, self.placeholder, self.base_dir = load_base(cfg)
         self.base.to(self.device).eval()
         self.base_identity = base_identity(self.base_dir)
         for profile in self.profiles.values():
@@ -217,7 +226,7 @@ class RouteAnswerer:
         if name not in self.routes:
             profile = self.profiles[name]
             log.info("[answer] route %s: expert %s, adapter %s", name, profile.expert_dir, profile.adapter_dir)
-            self.routes[name] = DomainRoute(profile, self.device)
+            self.routes[name] = DomainRoute(profile, self.device, self.tokenizer)
         return self.routes[name]
 
     def load_all(self) -> None:
@@ -230,49 +239,63 @@ class RouteAnswerer:
         n = max_new_tokens or self.profiles[name].answer_max_new_tokens
         return replace(self.decoding_template, max_new_tokens=int(n))
 
-    def _items(self, profile: RouteProfile, questions: Sequence[str]) -> list[EvalItem]:
-        return [EvalItem(id=str(i), question=q.strip(), reference="", instruction=profile.instruction)
-                for i, q in enumerate(questions)]
+    def notes(self) -> list[str]:
+        """Report notes of the loaded routes (an adapter selected on its test split)."""
+        return [f"route {n}: {r.selection_note}" for n, r in self.routes.items() if r.selection_note]
+
+    @staticmethod
+    def _items(questions: Sequence[str]) -> list[EvalItem]:
+        # no per-item instruction: the harness's (the route's) applies, as prompts.record_instruction rules
+        return [EvalItem(id=str(i), question=q, reference="") for i, q in enumerate(questions)]
 
     def harness(self, name: str, memories: torch.Tensor | None = None,
                 max_new_tokens: int | None = None) -> EvalHarness:
         profile = self.profiles[name]
         decoding = self.decoding(name, max_new_tokens)
         if profile.is_general:
-            return EvalHarness(self.base, self.tokenizer, decoding, base_request_text=profile.request_text,
+            # the base's placeholder id only for decoding: every route suppresses a placeholder token alike
+            return EvalHarness(self.base, self.tokenizer, decoding, gag_token_id=self.placeholder.id,
+                               base_request_text=profile.request_text, instruction=profile.instruction,
                                enable_thinking=self.enable_thinking, share_prefix=self.share_prefix)
-        return EvalHarness(self.base, self.tokenizer, decoding, adapter=self.route(name).adapter,
-                           gag_token_id=self.gag_id, memories=memories, request_text=profile.request_text,
-                           enable_thinking=self.enable_thinking, share_prefix=self.share_prefix)
+        route = self.route(name)
+        return EvalHarness(self.base, self.tokenizer, decoding, adapter=route.adapter,
+                           gag_token_id=route.placeholder.id, memories=memories, request_text=profile.request_text,
+                           instruction=profile.instruction, enable_thinking=self.enable_thinking,
+                           share_prefix=self.share_prefix)
 
     def answer_prompts(self, name: str, questions: Sequence[str]) -> list[list[int]]:
         """The base's prompt ids for ``questions`` on route ``name`` (the GAG prompt with S slots on a domain
         route, the general prompt on the general route): exactly what ``answer_route`` decodes from."""
         system = "base" if self.profiles[name].is_general else "gag"
-        return self.harness(name).prompts(system, self._items(self.profiles[name], questions))
+        return self.harness(name).prompts(system, self._items(questions))
 
     # ------------------------------------------------------------------ answering
-    def answer_route(self, name: str, questions: Sequence[str],
-                     max_new_tokens: int | None = None) -> list[RoutedAnswer]:
+    def answer_route(self, name: str, questions: Sequence[str], max_new_tokens: int | None = None,
+                     labels: Sequence[str] | None = None) -> list[RoutedAnswer]:
         """Answer ``questions`` (one batched pass) on route ``name`` (answer length: the route's, or
-        ``max_new_tokens``)."""
+        ``max_new_tokens``); a prompt longer than a model's positions is refused naming its ``labels`` entry."""
         if not questions:
             return []
         profile = self.profiles.get(name)
         if profile is None:
             raise GAGError(f"route '{name}' is not configured (routes: {self.names})")
-        items = self._items(profile, questions)
+        items = self._items(questions)
         if profile.is_general:
-            gens = self.harness(name, max_new_tokens=max_new_tokens).generate("base", items)
+            harness = self.harness(name, max_new_tokens=max_new_tokens)
+            check_prompts_fit(self.base, harness.prompts("base", items), harness.decoding.max_new_tokens, labels)
+            gens = harness.generate("base", items)
             return [RoutedAnswer(g.text, name, None, g.finished, len(g.token_ids)) for g in gens]
         route = self.route(name)
-        prompts, backgrounds = route.backgrounds([it.question for it in items], self.background_batch)
-        memories = route.memories(prompts, backgrounds, self.compression_batch)
-        gens = self.harness(name, memories, max_new_tokens).generate("gag", items)
+        harness = self.harness(name, None, max_new_tokens)
+        check_prompts_fit(self.base, harness.prompts("gag", items), harness.decoding.max_new_tokens, labels)
+        prompts, backgrounds = route.backgrounds([it.question for it in items], self.background_batch, labels)
+        harness.memories = route.memories(prompts, backgrounds, self.compression_batch)
+        gens = harness.generate("gag", items)
         return [RoutedAnswer(g.text, name, b.text, g.finished, len(g.token_ids))
                 for g, b in zip(gens, backgrounds, strict=True)]
 
-    def answer(self, questions: Sequence[str], routes: Sequence[str]) -> list[RoutedAnswer]:
+    def answer(self, questions: Sequence[str], routes: Sequence[str],
+               labels: Sequence[str] | None = None) -> list[RoutedAnswer]:
         """Answer each question on its route; the queries of one route are answered together."""
         if len(questions) != len(routes):
             raise GAGError(f"{len(questions)} questions but {len(routes)} routes")
@@ -281,7 +304,8 @@ class RouteAnswerer:
             by_route[route].append(i)
         out: list[RoutedAnswer | None] = [None] * len(questions)
         for route, rows in by_route.items():
-            for i, ans in zip(rows, self.answer_route(route, [questions[i] for i in rows]), strict=True):
+            sub = [labels[i] for i in rows] if labels is not None else None
+            for i, ans in zip(rows, self.answer_route(route, [questions[i] for i in rows], labels=sub), strict=True):
                 out[i] = ans
         return [a for a in out if a is not None]
 
@@ -315,7 +339,7 @@ class RouteAnswerer:
             by_route[route].append(i)
         def prepare(route: str, rows: list[int]) -> None:
             profile = self.profiles[route]
-            items = self._items(profile, [questions[i] for i in rows])
+            items = self._items([questions[i] for i in rows])
             if profile.is_general:
                 rendered = self.harness(route).prompts("base", items)
             else:
@@ -346,21 +370,23 @@ class RouteAnswerer:
             if self.profiles[route].is_general:
                 prepare(route, by_route[route])
         adapters = {r: self.route(r).adapter for r in domain_routes}
-        base, gag_id = self.base, self.gag_id
+        marks = {r: self.route(r).placeholder.id for r in domain_routes}
+        base = self.base
 
         def embed(ids: torch.Tensor, mask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-            out = base.get_input_embeddings()(ids)
+            out = base.get_input_embeddings()(ids.clamp(min=0))  # a mark id (-1) is overwritten below
             for route, adapter in adapters.items():
                 sel = [j for j, r in enumerate(rows) if routes[r] == route]
                 if sel:
                     memory = torch.stack([memory_of[rows[j]] for j in sel]).float()
                     index = torch.tensor(sel, device=ids.device)
-                    out[index] = injected_embeddings(base, adapter, ids[index], memory, gag_id)[0].to(out.dtype)
+                    out[index] = injected_embeddings(base, adapter, ids[index], memory, marks[route])[0].to(out.dtype)
             return out
 
         stops = stop_token_ids(self.tokenizer, getattr(self.base, "generation_config", None))
         gens = greedy_shrinking(self.base, self.tokenizer, prompts, self.decoding_template, stops, limits,
-                                embed_fn=embed, share_prefix=self.share_prefix)
+                                embed_fn=embed, share_prefix=self.share_prefix,
+                                suppress_ids=self.placeholder.suppress_ids)
         return [RoutedAnswer(g.text, routes[i], backgrounds.get(i), g.finished, len(g.token_ids))
                 for i, g in enumerate(gens)]
 
@@ -377,14 +403,15 @@ class RouteAnswerer:
 @torch.inference_mode()
 def greedy_shrinking(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                      stop_ids: Sequence[int], limits: Sequence[int], embed_fn: Any = None,
-                     share_prefix: bool = True) -> list[Any]:
+                     share_prefix: bool = True, suppress_ids: Sequence[int] = ()) -> list[Any]:
     """Greedy decoding of one batch in which a row leaves as soon as it stops or reaches its own length.
 
     ``generate_batched``'s fixed batches compute every row until the longest one ends, and its continuous
     batching needs history-free logits processing; here the batch shrinks instead (the KV cache keeps the rows
     still going), and the repetition penalty and n-gram blocking see each row's generated tokens exactly as
     ``generate`` does when the prompt goes in as embeddings (the eval harness's decoding). One request batch
-    of a server mixes short and long answers: the rows that are done stop costing compute.
+    of a server mixes short and long answers: the rows that are done stop costing compute. ``suppress_ids`` are
+    never generated (the base's slot placeholder token), as in ``generate_batched``.
     """
     import inspect
 
@@ -432,7 +459,10 @@ def greedy_shrinking(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
     tokens: list[list[int]] = [[] for _ in range(n)]
     finished = [False] * n
     active = list(range(n))
+    suppressed = torch.tensor(sorted({int(i) for i in suppress_ids if int(i) >= 0}), dtype=torch.long, device=device)
     for _ in range(max(limits)):
+        if suppressed.numel():
+            logits[:, suppressed] = float("-inf")
         nxt = processors(history, logits).argmax(dim=-1)
         keep = []
         for j, row in enumerate(active):
@@ -482,11 +512,21 @@ def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], reco
     """Answer each question on its route (the routes it needs are loaded); with ``records`` and ``out_dir`` also
     score the answers as the ``routed`` system."""
     answerer = RouteAnswerer(cfg, resolve_profiles(cfg, sorted({*routes, GENERAL})))
-    answers = answerer.answer(questions, routes)
+    answers = answerer.answer(questions, routes, _labels(cfg, records, len(questions)))
     if records is not None and out_dir is not None:
         backgrounds = {i: a.background for i, a in enumerate(answers) if a.background is not None}
-        score_routed(cfg, records, routes, [a.text for a in answers], backgrounds, Path(out_dir))
+        score_routed(cfg, records, routes, [a.text for a in answers], backgrounds, Path(out_dir), answerer.notes())
     return [a.text for a in answers]
+
+
+def _labels(cfg: DictConfig, records: Sequence[Any] | None, n: int) -> list[str]:
+    """How an error names each routed question: the test file's 1-based line, or the query's position."""
+    if records is not None:
+        from omegaconf import OmegaConf
+
+        test_set = OmegaConf.select(cfg, "router.test_set", default="the mixed test set")
+        return [f"{test_set}, line {getattr(r, 'line', None) or '?'}: field 'question'" for r in records]
+    return [f"query {i + 1}" for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------- mode=answer
@@ -518,16 +558,18 @@ def answer_mixed(cfg: DictConfig, records: Sequence[Any], routed: Sequence[str],
         for route in dict.fromkeys((routed[i], gold[i])):
             if route in answerer.profiles:
                 needed[route].append(i)
+    labels = _labels(cfg, records, len(records))
     by_pair: dict[tuple[str, int], RoutedAnswer] = {}
     timings: dict[str, dict[str, float]] = {}
     for route, rows in needed.items():
         t = time.perf_counter()
-        for i, ans in zip(rows, answerer.answer_route(route, [questions[i] for i in rows]), strict=True):
+        answers = answerer.answer_route(route, [questions[i] for i in rows], labels=[labels[i] for i in rows])
+        for i, ans in zip(rows, answers, strict=True):
             by_pair[(route, i)] = ans
         timings[route] = {"queries": len(rows), "seconds": time.perf_counter() - t}
         log.info("[answer] route %s: %d queries in %.1fs", route, len(rows), timings[route]["seconds"])
     t = time.perf_counter()
-    base_answers = answerer.answer_route(GENERAL, questions)
+    base_answers = answerer.answer_route(GENERAL, questions, labels=labels)
     timings["base_alone"] = {"queries": len(questions), "seconds": time.perf_counter() - t}
     answer_s = time.perf_counter() - t0
 
@@ -536,7 +578,8 @@ def answer_mixed(cfg: DictConfig, records: Sequence[Any], routed: Sequence[str],
 
     systems = {"routed": (list(routed), pick(routed)), "oracle": (list(gold), pick(gold)),
                "base": ([GENERAL] * len(records), base_answers)}
-    summary = score_systems(cfg, records, systems, out)
+    notes = answerer.notes()
+    summary = score_systems(cfg, records, systems, out, notes)
     general_rows = [i for i, r in enumerate(routed) if r == GENERAL]
     same = sum(systems["routed"][1][i].text == base_answers[i].text for i in general_rows)
     memory = memory_report(answerer, rss_after_load)
@@ -548,6 +591,7 @@ def answer_mixed(cfg: DictConfig, records: Sequence[Any], routed: Sequence[str],
             name: (None if stats.get("fact_acc") is None or groups["oracle"][name].get("fact_acc") is None
                    else stats["fact_acc"] - groups["oracle"][name]["fact_acc"])
             for name, stats in groups["routed"].items()},
+        "notes": notes,
         "misrouted": sum(r != g for r, g in zip(routed, gold, strict=True)),
         "general_route_vs_base": {"queries": len(general_rows), "identical_answers": same},
         "routes": {n: p.describe() for n, p in answerer.profiles.items()},
@@ -618,10 +662,11 @@ def _general_sets(cfg: DictConfig) -> set[str]:
 
 def score_systems(cfg: DictConfig, records: Sequence[Any],
                   systems: Mapping[str, tuple[Sequence[str], Sequence[RoutedAnswer]]],
-                  out_dir: Path) -> dict[str, Any]:
+                  out_dir: Path, notes: Sequence[str] = ()) -> dict[str, Any]:
     """Per-dataset metrics of each system: fact_acc (records with gold aliases) and token F1 for every set,
     has-answer EM for general sets, BERTScore F1 and STS for specialist sets. Writes predictions.jsonl,
-    metrics.json ({"systems": summary}) and report.md."""
+    metrics.json ({"systems": summary, "notes": notes}) and report.md; ``notes`` (an adapter selected on the test
+    split) head the report."""
     from gag_lightning.pipeline.evaluate import build_scorers
 
     general_sets = _general_sets(cfg)
@@ -654,18 +699,19 @@ def score_systems(cfg: DictConfig, records: Sequence[Any],
                                paired_with=paired)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "predictions.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"systems": summary}, indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "metrics.json", json.dumps({"systems": summary, "notes": list(notes)}, indent=2,
+                                                           ensure_ascii=False))
     table = {}
     for system in systems:
         for name, stats in summary[system].get("groups", {}).items():
             table[f"{system}/{name}"] = stats
         table[f"{system}/all"] = {k: v for k, v in summary[system].items() if k != "groups"}
-    atomic_write_text(out_dir / "report.md", markdown_report(table, "mixed-domain answering"))
+    atomic_write_text(out_dir / "report.md", markdown_report(table, "mixed-domain answering", notes))
     return summary
 
 
 def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str], answers: Sequence[str],
-                 backgrounds: Mapping[int, str], out_dir: Path) -> dict[str, Any]:
+                 backgrounds: Mapping[int, str], out_dir: Path, notes: Sequence[str] = ()) -> dict[str, Any]:
     """``score_systems`` for one system, ``routed``."""
     wrapped = [RoutedAnswer(a, r, backgrounds.get(i)) for i, (a, r) in enumerate(zip(answers, routes, strict=True))]
-    return score_systems(cfg, records, {"routed": (list(routes), wrapped)}, Path(out_dir))
+    return score_systems(cfg, records, {"routed": (list(routes), wrapped)}, Path(out_dir), notes)

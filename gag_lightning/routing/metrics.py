@@ -32,10 +32,10 @@ def gold_routes(dataset_names: Iterable[str], mapping: Mapping[str, str] | None 
     """Map each record's ``dataset_name`` to its gold route; an unmapped name is an error, not a guess."""
     table = dict(DEFAULT_DATASET_ROUTES if mapping is None else mapping)
     out = []
-    for i, name in enumerate(dataset_names):
+    for i, name in enumerate(dataset_names, start=1):
         if name not in table:
             raise GAGError(
-                f"record {i}: dataset_name {name!r} has no gold route; known: {sorted(table)} "
+                f"record {i} (1-based): dataset_name {name!r} has no gold route; known: {sorted(table)} "
                 f"(pass a mapping for new domains)"
             )
         out.append(table[name])

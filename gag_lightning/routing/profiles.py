@@ -298,7 +298,11 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
 
     # ---- the adapter (explicit, or this route's gag artifact) and what its artifacts record
     if entry.get("adapter"):
-        adapter_dir, sources["adapter"] = Path(str(entry["adapter"])).expanduser(), f"router.domains.{key}.adapter"
+        # finished artifacts only (an unfinished one is refused unless allow_unfinished=true)
+        from gag_lightning.pipeline.keys import upstream_folder
+
+        adapter_dir = upstream_folder(cfg, f"router.domains.{key}.adapter", entry["adapter"])[0]
+        sources["adapter"] = f"router.domains.{key}.adapter"
     elif rcfg is not None:
         from gag_lightning.pipeline.gag import gag_adapter_dir
 
@@ -383,7 +387,10 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
     # ---- the expert: explicit, the one the memory stage used, or this route's memory expert
     memory_inputs = (chain.get("memory") or {}).get("inputs") or {}
     if entry.get("expert"):
-        expert_dir, sources["expert"] = Path(str(entry["expert"])).expanduser(), f"router.domains.{key}.expert"
+        from gag_lightning.pipeline.keys import upstream_folder
+
+        expert_dir = upstream_folder(cfg, f"router.domains.{key}.expert", entry["expert"], external_ok=True)[0]
+        sources["expert"] = f"router.domains.{key}.expert"
     elif memory_inputs.get("expert"):
         expert_dir, sources["expert"] = Path(str(memory_inputs["expert"])), "memory manifest"
     elif rcfg is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from gag_lightning.artifacts import atomic_write_text, config_hash, read_manifest, write_manifest
-from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.errors import GAGError, RecordError, SchemaMismatchError
 from gag_lightning.routing.encoder import QueryEncoder
 from gag_lightning.routing.metrics import DEFAULT_DATASET_ROUTES, gold_routes, plot_confusion, routing_report
 from gag_lightning.routing.profiles import expand_router
@@ -439,13 +439,16 @@ def evaluate_routing(
         raise GAGError("router.test_set is not set: point it at the mixed online test set (JSON lines)")
     records = read_mixed(str(rc.test_set))
     names = [r.dataset_name for r in records]
-    try:
-        gold = gold_routes(names, dataset_routes(specs))
-    except GAGError as exc:
-        raise GAGError(
-            f"{rc.test_set}: {exc}. Add the dataset to its route's router.domains.<key>.dataset_names "
-            f"(or add the route: +router.domains.<key>={{pool: ..., dataset_names: [...]}})"
-        ) from exc
+    table = dataset_routes(specs)
+    for rec in records:  # the file's 1-based line, not the record's position
+        if rec.dataset_name not in table:
+            raise RecordError(
+                str(rc.test_set), rec.line, "dataset_name",
+                f"{rec.dataset_name!r} has no gold route (known: {sorted(table)}). Add the dataset to its route's "
+                f"router.domains.<key>.dataset_names (or add the route: +router.domains.<key>={{pool: ..., "
+                f"dataset_names: [...]}})",
+            )
+    gold = gold_routes(names, table)
     missing = Counter(g for g in gold if g not in router)
     for route, n in missing.items():
         log.warning(

@@ -15,7 +15,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from gag_lightning.errors import GAGError
-from gag_lightning.models.losses import answer_nll
+from gag_lightning.models.losses import token_nll
+from gag_lightning.models.shared_prefix import answer_token_logits
 from gag_lightning.stages.clipping import ShardAwareClipping
 
 
@@ -58,9 +59,13 @@ class CausalLMModule(ShardAwareClipping):
     """Full fine-tuning of a causal LM on labelled token batches (labels = -100 where not trained)."""
 
     def __init__(self, model: Any, lr: float = 5e-5, weight_decay: float = 0.01, warmup_ratio: float = 0.03,
-                 betas: tuple[float, float] = (0.9, 0.999), gradient_checkpointing: bool = False) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), gradient_checkpointing: bool = False,
+                 share_prefix: bool = True) -> None:
         super().__init__()
         self.model = model
+        # a batch's common prompt prefix runs once (models/shared_prefix.py); not with activation checkpointing,
+        # which recomputes without a cache
+        self.share_prefix = bool(share_prefix) and not gradient_checkpointing
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps sub-module modes as found
         self.save_hyperparameters(ignore=["model"])
         if gradient_checkpointing:
@@ -71,10 +76,10 @@ class CausalLMModule(ShardAwareClipping):
         self.test_loss = MeanMetric()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         labels = batch["labels"]
-        n_tokens = int((labels[:, 1:] != -100).sum())
-        return answer_nll(out.logits, labels), n_tokens
+        logits, targets = answer_token_logits(self.model, batch["input_ids"], batch["attention_mask"], labels,
+                                              self.share_prefix)
+        return token_nll(logits, targets), int(targets.numel())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._loss(batch)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
+from gag_lightning.stages.guards import FiniteGuard
 
-class ShardAwareClipping(L.LightningModule):
-    """LightningModule base whose clipping by norm goes through FSDP when the strategy shards the model."""
+
+class ShardAwareClipping(FiniteGuard):
+    """LightningModule base whose clipping by norm goes through FSDP when the strategy shards the model (and, from
+    `FiniteGuard`, whose training stops at a NaN/inf loss or gradient)."""
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

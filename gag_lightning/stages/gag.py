@@ -13,11 +13,8 @@ reconstruction warm-up (``phase = "recon"`` for a first, separate ``trainer.fit`
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from gag_lightning.errors import GAGError
 from gag_lightning.eval.generation import prefix_cache
-from gag_lightning.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GAGAdapter, inject, save_adapter
+from gag_lightning.models.adapter import GAGAdapter, inject
 from gag_lightning.models.losses import (
     DEFAULT_LOSS_WEIGHTS,
     IGNORE_INDEX,
@@ -50,9 +47,10 @@ def injected_embeddings(base: Any, adapter: GAGAdapter, input_ids: Tensor, memor
                         gag_token_id: int) -> tuple[Tensor, Tensor]:
     """(inputs_embeds with the projected slots at the ``<GAG>`` positions, slots ``[B, S, H_b]`` fp32).
 
-    The one injection path, shared by training and every GAG system of the evaluation harness.
+    The one injection path, shared by training and every GAG system of the evaluation harness. The placeholder
+    positions are looked up as id 0 (a mark id is outside the vocabulary; either way the row is overwritten).
     """
-    embeds = base.get_input_embeddings()(input_ids)
+    embeds = base.get_input_embeddings()(input_ids.masked_fill(input_ids == gag_token_id, 0))
     slots = adapter.project(memory.to(input_ids.device))
     return inject(embeds, input_ids, gag_token_id, slots), slots
 
@@ -150,7 +148,7 @@ class GAGModule(ShardAwareClipping):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A Lightning checkpoint, if anyone enables one, holds the adapter only: never a copy of the base."""
+        """A Lightning checkpoint holds the adapter only: never a copy of the frozen base (16 GB for an 8B base)."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("base.")]:
             del state[key]
@@ -318,84 +316,25 @@ class GAGModule(ShardAwareClipping):
 
 def fit_with_recon(module: GAGModule, trainer: L.Trainer, datamodule: L.LightningDataModule,
                    recon_trainer: L.Trainer | None = None,
-                   recon_datamodule: L.LightningDataModule | None = None) -> None:
+                   recon_datamodule: L.LightningDataModule | None = None, ckpt_path: str | None = None,
+                   recon_ckpt_path: str | None = None) -> None:
     """The reconstruction warm-up as a first fit of its own (when given), then the QA fit, on one adapter.
 
     Two fits rather than one loader switching at ``global_step == recon_steps``: each fit gets its own
     optimizer and LR schedule, so the QA fit's warm-up and linear decay cover exactly ``gag.max_steps`` as
     configured, and the QA trainer's step count, validation cadence and best-adapter selection never see a
     recon step (the recon steps are ``recon_trainer``'s ``max_steps``; its schedule is its own).
+
+    ``ckpt_path`` / ``recon_ckpt_path``: the ``last.ckpt`` each fit resumes from after a kill (a finished recon fit
+    restored from its last checkpoint takes no step; the QA checkpoint then restores the adapter it trained).
     """
     if recon_trainer is not None:
         if recon_datamodule is None:
             raise GAGError("a recon trainer needs its recon datamodule")
         with module.recon_phase():
-            recon_trainer.fit(module, datamodule=recon_datamodule)
-    trainer.fit(module, datamodule=datamodule)
+            recon_trainer.fit(module, datamodule=recon_datamodule, ckpt_path=recon_ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
-class AdapterCheckpoint(L.Callback):
-    """Keep two small adapters and nothing else: the best by ``monitor`` in ``out_dir`` and the final one in
-    ``out_dir/last``. ``keep="last"`` puts the final adapter in ``out_dir`` as well (no selection).
-
-    Without validation the final adapter is the result. ``consider`` lets the runner feed a validation
-    made after ``fit`` (the last step is not always a validation step).
-    """
-
-    def __init__(self, out_dir: str | Path, monitor: str = "val/loss", mode: str = "min", keep: str = "best") -> None:
-        if keep not in ("best", "last"):
-            raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
-        self.out_dir = Path(out_dir)
-        self.monitor = monitor
-        self.mode = mode
-        self.keep = keep
-        self.best: float | None = None
-        self.best_step: int | None = None
-        self.last_validated_step: int | None = None
-
-    def _save(self, trainer: L.Trainer, pl_module: GAGModule, folder: Path) -> None:
-        if trainer.is_global_zero:
-            save_adapter(pl_module.adapter, folder)
-        trainer.strategy.barrier("adapter_checkpoint")
-
-    def consider(self, trainer: L.Trainer, pl_module: GAGModule, value: float | None, step: int) -> bool:
-        """Save as best if ``value`` improves on the best so far; returns whether it did."""
-        self.last_validated_step = step
-        if value is None or math.isnan(value) or self.keep != "best":
-            return False
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better:
-            self.best, self.best_step = value, step
-            log.info("new best %s=%.4f at step %d: adapter -> %s", self.monitor, value, step, self.out_dir)
-            self._save(trainer, pl_module, self.out_dir)
-        return better
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: GAGModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        self.consider(trainer, pl_module, None if value is None else float(value), trainer.global_step)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: GAGModule) -> None:
-        self._save(trainer, pl_module, self.out_dir / "last")
-        if self.best is None:  # no validation (or keep=last): the final adapter is the result
-            self._save(trainer, pl_module, self.out_dir)
-            self.best_step = trainer.global_step
-
-    @staticmethod
-    def size_bytes(folder: str | Path) -> int:
-        folder = Path(folder)
-        return sum((folder / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
-                   if (folder / name).is_file())
-
-    def discard_last(self, final_step: int) -> bool:
-        """Drop ``last/`` when the kept adapter is the final step's (a byte-identical duplicate)."""
-        last = self.out_dir / "last"
-        if last.is_dir() and (self.best is None or self.best_step == final_step):
-            shutil.rmtree(last)
-            return True
-        return False
-
-
-__all__ = ["AdapterCheckpoint", "GAGModule", "fit_with_recon", "injected_embeddings", "kl_weight",
+__all__ = ["GAGModule", "fit_with_recon", "injected_embeddings", "kl_weight",
            "loss_weights_tuple"]

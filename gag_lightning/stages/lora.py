@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from gag_lightning.errors import GAGError
-from gag_lightning.models.losses import answer_nll
+from gag_lightning.models.losses import token_nll
+from gag_lightning.models.shared_prefix import answer_token_logits
 from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
 from gag_lightning.stages.clipping import ShardAwareClipping
 
@@ -29,8 +30,10 @@ class LoRAModule(ShardAwareClipping):
     """A ``peft`` LoRA model (the base wrapped by ``get_peft_model``): training step and optimizer only."""
 
     def __init__(self, model: Any, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
-                 betas: Sequence[float] = (0.9, 0.999), gradient_checkpointing: bool = False) -> None:
+                 betas: Sequence[float] = (0.9, 0.999), gradient_checkpointing: bool = False,
+                 share_prefix: bool = True) -> None:
         super().__init__()
+        self.share_prefix = bool(share_prefix) and not gradient_checkpointing
         names = trainable_names(model)
         if not names or any("lora_" not in n for n in names):
             others = [n for n in names if "lora_" not in n][:5]
@@ -51,9 +54,10 @@ class LoRAModule(ShardAwareClipping):
         self._last_logged_step = -1
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        with torch.autocast(device_type=out.logits.device.type, enabled=False):
-            loss = answer_nll(out.logits, batch["labels"])
+        logits, targets = answer_token_logits(self.model, batch["input_ids"], batch["attention_mask"],
+                                              batch["labels"], self.share_prefix)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = token_nll(logits, targets)
         self._window.append(loss.detach())
         return loss
 
@@ -79,7 +83,7 @@ class LoRAModule(ShardAwareClipping):
         require_fp32([p for p in self.model.parameters() if p.requires_grad], "the LoRA weights must train in fp32 but hold", "lora")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A Lightning checkpoint, if anyone enables one, holds the LoRA weights only, never the base."""
+        """A Lightning checkpoint holds the LoRA weights only, never the frozen base."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if "lora_" not in k]:
             del state[key]
