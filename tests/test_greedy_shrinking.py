@@ -37,3 +37,17 @@ def test_greedy_shrinking_matches_generate_batched(base, tokenizer) -> None:
     plain = replace(decoding, repetition_penalty=1.0, no_repeat_ngram_size=0)
     assert [g.token_ids for g in greedy_shrinking(base, tokenizer, prompts[:1], plain, stops, [12])] == \
         [g.token_ids for g in generate_batched(base, tokenizer, prompts[:1], plain, stops)]
+
+
+def test_greedy_shrinking_never_emits_a_suppressed_id(base, tokenizer) -> None:
+    """The base's slot placeholder token is suppressed as generate_batched suppresses it."""
+    base.eval()
+    prompts = _prompts(tokenizer)
+    stops = stop_token_ids(tokenizer, base.generation_config)
+    decoding = DecodingConfig(max_new_tokens=8, batch_size=16)
+    free = greedy_shrinking(base, tokenizer, prompts, decoding, stops, [8] * len(prompts))
+    banned = [free[0].token_ids[0]]  # the first row's first choice
+    got = greedy_shrinking(base, tokenizer, prompts, decoding, stops, [8] * len(prompts), suppress_ids=banned)
+    want = generate_batched(base, tokenizer, prompts, decoding, stops, share_prefix=True, suppress_ids=banned)
+    assert all(banned[0] not in g.token_ids for g in got)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]

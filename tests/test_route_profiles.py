@@ -215,13 +215,16 @@ def test_a_mixed_batch_is_answered_in_one_base_pass(answerer, tiny_two_domains, 
     qs, routes = [qs[i] for i in order], [routes[i] for i in order]
 
     calls: list[tuple[object, list]] = []
-    real = answer_module.generate_batched
 
-    def spy(model, tokenizer, prompts, *args, **kwargs):
-        calls.append((model, [list(p) for p in prompts]))
-        return real(model, tokenizer, prompts, *args, **kwargs)
+    def spy(real):
+        def wrapped(model, tokenizer, prompts, *args, **kwargs):
+            calls.append((model, [list(p) for p in prompts]))
+            return real(model, tokenizer, prompts, *args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(answer_module, "generate_batched", spy)
+    # the experts' background passes go through generate_batched, the base's one pass through greedy_shrinking
+    monkeypatch.setattr(answer_module, "generate_batched", spy(answer_module.generate_batched))
+    monkeypatch.setattr(answer_module, "greedy_shrinking", spy(answer_module.greedy_shrinking))
     mixed = answerer.answer_mixed_batch(qs, routes)
     monkeypatch.undo()
     base_calls = [c for c in calls if c[0] is answerer.base]
