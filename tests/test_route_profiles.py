@@ -59,7 +59,7 @@ def _trained_prompts(two: dict, domain: str, tokenizer, n: int = 6) -> list[tupl
 
 def test_each_route_prompts_exactly_as_its_own_gag_stage_trained(answerer, tiny_two_domains, monkeypatch) -> None:
     from gag_lightning.eval import harness as harness_module
-    from gag_lightning.routing import answer as answer_module
+    from gag_lightning.routing import answerer as answer_module
 
     trained = {d: _trained_prompts(tiny_two_domains, d, answerer.tokenizer) for d in DOMAINS}
     for d in DOMAINS:
@@ -202,7 +202,7 @@ def test_three_routes_config_expands_each_preset(compose_cfg) -> None:
 def test_a_mixed_batch_is_answered_in_one_base_pass(answerer, tiny_two_domains, monkeypatch) -> None:
     """The server's path: the experts write their rows' memories, then one base pass answers every route's rows,
     each with its own route's prompt and adapter, as if each route were answered on its own."""
-    from gag_lightning.routing import answer as answer_module
+    from gag_lightning.routing import answerer as answer_module
 
     qs, routes = [], []
     for d in DOMAINS:
