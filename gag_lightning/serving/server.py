@@ -58,9 +58,9 @@ class RoutedService:
     def __init__(self, cfg: DictConfig, device: Any = None) -> None:
         import torch
 
-        from gag_lightning.routing.answer import RouteAnswerer, resolve_profiles
-        from gag_lightning.routing.profiles import expand_router
-        from gag_lightning.routing.run import build_router, load_router_encoder, pick_device, route_specs
+        from gag_lightning.routing.answerer import RouteAnswerer, resolve_profiles
+        from gag_lightning.routing.banks import build_router, load_router_encoder, pick_device, route_specs
+        from gag_lightning.routing.presets import expand_router
 
         self.cfg = cfg
         t0 = time.perf_counter()
@@ -155,9 +155,9 @@ def build_server(cfg: DictConfig) -> Any:
     import litserve as ls
     from fastapi.exceptions import RequestValidationError
 
-    from gag_lightning.routing.answer import resolve_profiles
-    from gag_lightning.routing.profiles import expand_router
-    from gag_lightning.routing.run import route_specs
+    from gag_lightning.routing.answerer import resolve_profiles
+    from gag_lightning.routing.banks import route_specs
+    from gag_lightning.routing.presets import expand_router
     from gag_lightning.serving.api import ChatAPI
 
     node = cfg.serve
