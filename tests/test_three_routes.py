@@ -77,4 +77,4 @@ def test_one_base_in_memory(answered) -> None:
     total = memory["base_bytes"] + sum(memory["expert_bytes"].values()) + sum(memory["adapter_bytes"].values())
     assert memory["one_base_plus_routes_bytes"] == total
     assert memory["peak_rss_bytes"] > total
-    assert "peak RSS" in memory["summary"] and "a second base would add" in memory["summary"]
+    assert "peak RSS" in memory["summary"] and "a second base would make" in memory["summary"]

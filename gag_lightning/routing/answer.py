@@ -65,20 +65,25 @@ __all__ = [
 
 
 def memory_report(answerer: RouteAnswerer, rss_after_load: int | None = None) -> dict[str, Any]:
-    """The answerer's weights beside this process's RSS: peak, and the growth from loading the models."""
+    """The answerer's weights beside this process's RSS. Weights are memory-mapped and paged in as they are first
+    used, so the RSS right after loading says little; the peak while answering (every weight used) minus the RSS
+    before the models were loaded is what the models cost, to compare with one base + N experts + N adapters."""
     mem = answerer.memory()
     mem["peak_rss_bytes"] = peak_rss_bytes()
     mem["rss_after_models_bytes"] = rss_after_load
-    if rss_after_load is not None and mem["rss_before_models_bytes"] is not None:
-        mem["models_rss_bytes"] = rss_after_load - mem["rss_before_models_bytes"]
+    before = mem["rss_before_models_bytes"]
+    if before is not None:
+        mem["peak_growth_bytes"] = mem["peak_rss_bytes"] - before
     mib = 2**20
     parts = [f"1 base {mem['base_bytes'] / mib:.0f}"] + [
         f"{n}: expert {mem['expert_bytes'][n] / mib:.0f} + adapter {mem['adapter_bytes'][n] / mib:.1f}"
         for n in mem["expert_bytes"]]
-    mem["summary"] = (f"peak RSS {mem['peak_rss_bytes'] / mib:.0f} MiB; models loaded "
-                      + (f"+{mem['models_rss_bytes'] / mib:.0f} MiB RSS" if mem.get("models_rss_bytes") else "")
-                      + f" vs weights {mem['one_base_plus_routes_bytes'] / mib:.0f} MiB ({'; '.join(parts)} MiB); "
-                      f"a second base would add {mem['base_bytes'] / mib:.0f} MiB")
+    weights = mem["one_base_plus_routes_bytes"]
+    mem["summary"] = (f"peak RSS while answering {mem['peak_rss_bytes'] / mib:.0f} MiB"
+                      + (f" = {before / mib:.0f} MiB before the models + {mem['peak_growth_bytes'] / mib:.0f} MiB"
+                         if before is not None else "")
+                      + f"; weights {weights / mib:.0f} MiB ({'; '.join(parts)} MiB); a second base would make the "
+                      f"weights alone {(weights + mem['base_bytes']) / mib:.0f} MiB")
     return mem
 
 
@@ -154,11 +159,11 @@ def answer_mixed(cfg: DictConfig, records: Sequence[Any], routed: Sequence[str],
 
     systems = {"routed": (list(routed), pick(routed)), "oracle": (list(gold), pick(gold)),
                "base": ([GENERAL] * len(records), base_answers)}
+    memory = memory_report(answerer, rss_after_load)  # before the scorers load their models
     notes = answerer.notes()
     summary = score_systems(cfg, records, systems, out, notes)
     general_rows = [i for i, r in enumerate(routed) if r == GENERAL]
     same = sum(systems["routed"][1][i].text == base_answers[i].text for i in general_rows)
-    memory = memory_report(answerer, rss_after_load)
     groups = {s: summary[s].get("groups", {}) for s in SYSTEMS}
     report = {
         "systems": {s: {name: _headline(stats) for name, stats in g.items()} for s, g in groups.items()},
