@@ -1,7 +1,8 @@
 """Entry point of PPR routing: compose the Hydra config, print it, build missing banks, route.
 
 python route.py                                   # evaluate routing on the mixed online test set
-python route.py mode=query query="What is ...?"   # the route and the score per domain
+python route.py mode=query query="What is ...?"   # the route and the score per domain, and the answer
+python route.py router=three_routes mode=answer   # general + demo + demo_bio: routed vs oracle vs base alone
 python route.py experiment=smoke                  # tiny encoder, seconds
 """
 

@@ -75,3 +75,25 @@ def gag_id(tokenizer) -> int:
     from gag_lightning.prompts import choose_placeholder
 
     return choose_placeholder(tokenizer).id
+
+
+# two tiny specialist domains (the demo and demo_bio presets under experiment=smoke) trained on the one tiny base,
+# dapt -> sft -> memory -> gag: the routing, three-route and serving tests answer with them
+@pytest.fixture(scope="session")
+def tiny_two_domains(tmp_path_factory) -> dict:
+    from gag_lightning.pipeline import run as run_pipeline
+    from gag_lightning.pipeline.gag import gag_adapter_dir
+    from gag_lightning.pipeline.memory import memory_expert_path
+
+    root = tmp_path_factory.mktemp("two_domains")
+    out: dict = {"artifacts": root / "artifacts", "cfg": {}, "adapter": {}, "expert": {}}
+    for domain in ("demo", "demo_bio"):
+        overrides = ["experiment=smoke", f"domain={domain}", "print_config=false", f"paths.artifacts={root / 'artifacts'}",
+                     f"paths.output_dir={root / 'out' / domain}", f"paths.cache_dir={ROOT / '.cache'}",
+                     "run_stages=[dapt,sft,memory,gag]"]
+        cfg = compose(overrides)
+        run_pipeline(cfg)
+        out["cfg"][domain] = overrides
+        out["adapter"][domain] = gag_adapter_dir(cfg)
+        out["expert"][domain] = memory_expert_path(cfg)
+    return out

@@ -97,7 +97,6 @@ def test_same_record_same_prompt_ids_in_training_eval_and_routing(tmp_path, toke
     from gag_lightning.data.qa import encode_sft
     from gag_lightning.data.records import QARecord
     from gag_lightning.eval import harness as harness_mod
-    from gag_lightning.routing import answer as answer_mod
 
     # records: one with its own instruction (it wins everywhere), one without, one with a padded question
     folder = tmp_path / "bank"
@@ -139,24 +138,36 @@ def test_same_record_same_prompt_ids_in_training_eval_and_routing(tmp_path, toke
     sft = [encode_sft(r, tokenizer, DOMAIN_INSTRUCTION) for r in records]
     assert [ex.input_ids[: ex.num_prompt] for ex in sft] == harness.prompts("expert", items)
 
-    # routed answering: the domain route feeds the base the same ids (records without their own instruction)
-    cfg = compose_cfg(["experiment=smoke", f"domain.instruction='{DOMAIN_INSTRUCTION}'",
-                       f"domain.request_text='{REQUEST}'"])
+    # routed answering: the domain route feeds the base the same ids (records without their own instruction); the
+    # route's profile carries the instruction and request text its adapter was trained with
+    from gag_lightning.prompts import choose_placeholder
+    from gag_lightning.routing import answerer as answerer_mod
+    from gag_lightning.routing.profiles import RouteProfile
+
+    cfg = compose_cfg(["experiment=smoke"])
     fed: list[list[int]] = []
 
     def capture(model, tok, prompts, decoding, stop_ids, embed_fn=None, share_prefix=False, suppress_ids=()):
         fed.extend(prompts)
         return [Generation("x", [1], True) for _ in prompts]
 
+    class Route:  # the route's expert only writes memories: stand-ins, the base's prompt is what is checked
+        def __init__(self, profile, device, base_tokenizer):
+            self.adapter, self.placeholder, self.selection_note = adapter, choose_placeholder(base_tokenizer), None
+
+        def backgrounds(self, qs, batch_size, labels=None):
+            return [[1]] * len(qs), [Generation("bg", [1], True) for _ in qs]
+
+        def memories(self, prompts, gens, batch_size):
+            return torch.randn(len(prompts), K, S, H_E)
+
     monkeypatch.setattr(harness_mod, "generate_batched", capture)
-    monkeypatch.setattr(answer_mod, "_domain_artifacts", lambda c, route: (Path("e"), Path("a"), DOMAIN_INSTRUCTION))
-    monkeypatch.setattr(answer_mod, "load_causal_lm", lambda *a, **k: torch.nn.Identity())
-    monkeypatch.setattr(answer_mod, "load_tokenizer", lambda path: tokenizer)
-    monkeypatch.setattr(answer_mod, "load_adapter", lambda path, device=None: adapter)
-    monkeypatch.setattr(answer_mod, "build_memories",
-                        lambda path, qs, c, labels=None: (torch.randn(len(qs), K, S, H_E), ["bg"] * len(qs)))
+    monkeypatch.setattr(answerer_mod, "DomainRoute", Route)
+    monkeypatch.setattr(answerer_mod, "check_base", lambda profile, identity: None)
+    profile = RouteProfile(name="demo", instruction=DOMAIN_INSTRUCTION, request_text=REQUEST,
+                           answer_max_new_tokens=4, adapter_dir=Path("a"))
     questions = [metas[1]["question"], metas[2]["question"]]
-    answer_mod.answer_routed(cfg, questions, [str(cfg.domain.name)] * 2)
+    answerer_mod.RouteAnswerer(cfg, {"demo": profile}).answer_route("demo", questions)
     assert fed == trained[1:]
 
 

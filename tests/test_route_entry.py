@@ -159,6 +159,8 @@ def test_query_mode_prints_route_scores_and_answer(compose_cfg, smoke_pipeline, 
 
 
 def test_answer_mode_scores_per_dataset_and_general_matches_base(compose_cfg, smoke_pipeline, tmp_path) -> None:
+    from dataclasses import replace
+
     from gag_lightning.eval.generation import generate_batched
     from gag_lightning.pipeline.evaluate import decoding_config
     from gag_lightning.pipeline.gag import load_base
@@ -167,31 +169,38 @@ def test_answer_mode_scores_per_dataset_and_general_matches_base(compose_cfg, sm
         GENERAL_REQUEST_TEXT,
         plain_user_text,
         render_prompt,
+        stop_token_ids,
     )
 
     assert answering_available()
     cfg = _cfg(compose_cfg, smoke_pipeline, "mode=answer", f"paths.output_dir={tmp_path}")
     result = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 116 and len(result["answers"]) == 116
-    metrics = json.loads((tmp_path / "metrics.json").read_text())["systems"]["routed"]
-    groups = metrics["groups"]
+    assert len(rows) == 3 * 116 and len(result["answers"]) == 116
+    assert {r["system"] for r in rows} == {"routed", "oracle", "base"}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["systems"]
+    groups = metrics["routed"]["groups"]
     assert "em" in groups["nq"] and "bertscore_f1" in groups["demo"] and "sts" in groups["demo"]
-    assert groups["nq"]["fact_acc"] is not None and "fact_acc" in groups["demo"]  # None (n/a) until it has aliases
+    assert groups["nq"]["fact_acc"] is not None and groups["demo"]["fact_acc"] is not None  # demo records carry aliases
     assert result["answer_metrics"]["nq"]["fact_acc"] == groups["nq"]["fact_acc"]
-    assert (tmp_path / "report.md").is_file()
-    # the general route is the base alone with the general prompt, decoded the same way
-    general = [r for r in rows if r["route"] == "general"]  # same queries, same batches as the routed run
+    assert set(metrics["oracle"]["groups"]) == set(metrics["base"]["groups"]) == set(groups)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "answer_report.json").is_file()
+    # the general route is the base alone with the general prompt, decoded the same way: decode its queries (the
+    # routed and gold general queries, one pass, as the answering did) with the plain base and compare
+    routes = [json.loads(x) for x in (tmp_path / "routes.jsonl").read_text().splitlines()]
+    union = [i for i, r in enumerate(routes) if "general" in (r["pred"], r["gold"])]
+    routed = [r for r in rows if r["system"] == "routed"]
+    general = [i for i in union if routes[i]["pred"] == "general"]
     assert general, "the tiny router sent no query to general"
     base, tok, _, _ = load_base(cfg)
     prompts = [tok(render_prompt(tok, [{"role": "user", "content": plain_user_text(
-        GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, r["question"])}]), add_special_tokens=False)["input_ids"]
-        for r in general]
-    from gag_lightning.prompts import stop_token_ids
-
-    alone = generate_batched(base.eval(), tok, prompts, decoding_config(cfg), stop_token_ids(tok, base.generation_config),
+        GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, routed[i]["question"])}]), add_special_tokens=False)["input_ids"]
+        for i in union]
+    decoding = replace(decoding_config(cfg), max_new_tokens=int(cfg.router.domains.general.answer_max_new_tokens))
+    alone = generate_batched(base.eval(), tok, prompts, decoding, stop_token_ids(tok, base.generation_config),
                              share_prefix=True)  # the harness's default: the same prefill, the same float rounding
-    assert [g.text for g in alone] == [r["prediction"] for r in general]
+    alone_by_index = dict(zip(union, (g.text for g in alone), strict=True))
+    assert [alone_by_index[i] for i in general] == [routed[i]["prediction"] for i in general]
 
 
 def test_query_mode_without_query(compose_cfg, smoke_run) -> None:
@@ -210,7 +219,7 @@ def test_route_specs_errors() -> None:
     assert [(s.name, s.dataset_names) for s in specs] == [("general", ("nq",))]
 
 
-@pytest.mark.parametrize("domain", ["demo", "materials", "adjuvant"])
+@pytest.mark.parametrize("domain", ["demo", "demo_bio", "materials", "adjuvant"])
 @pytest.mark.parametrize("model", ["smollm2", "tiny", "qwen3"])
 def test_route_config_composes(compose_cfg, domain, model) -> None:
     from omegaconf import OmegaConf

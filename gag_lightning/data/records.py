@@ -154,11 +154,13 @@ MIN_POOL_QUESTIONS = 2
 
 
 def read_router_pool(path: str | Path, min_questions: int = MIN_POOL_QUESTIONS) -> list[str]:
-    """Router offline pool: `{"question": str, ...}` per line, at least `min_questions` distinct non-blank ones."""
+    """Router offline pool: `{"question": str, ...}` per line (a domain QA file counts too, by its `input`), at least
+    `min_questions` distinct non-blank ones."""
     path = Path(path)
     questions = []
     for lineno, obj in iter_jsonl(path):
-        questions.append(_text_field(path, lineno, obj, "question"))
+        key = "input" if "question" not in obj and "input" in obj else "question"
+        questions.append(_text_field(path, lineno, obj, key))
     if not questions:
         raise RecordError(path, None, None, "the router pool holds no questions")
     distinct = len({q.strip() for q in questions})

@@ -342,12 +342,20 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
                        metrics=metrics,
                        extra={"kept": keep, "best_step": best_step, "global_step": trainer.global_step,
                               "resumed_from": resume, "run_dir": str(cfg.paths.output_dir),
-                              "stage_config": container(node)})
+                              "stage_config": container(node),
+                              "route": _route_metadata(cfg)})
         remove_checkpoints(cfg, out_dir)
     trainer.strategy.barrier("gag-manifest")  # no rank moves on before the artifact is complete
     log.info("[gag] done: %s (adapter %.2f MB = %.2f%% of the base's %.1f MB; %s written last)", out_dir,
              size / 2**20, 100 * size / max(base_bytes, 1), base_bytes / 2**20, MANIFEST)
     return {"artifact": str(out_dir), **metrics}
+
+
+def _route_metadata(cfg: DictConfig) -> dict[str, Any]:
+    """What a router needs to answer with this adapter that no other artifact records (routing.profiles)."""
+    from gag_lightning.routing.profiles import route_metadata
+
+    return route_metadata(cfg)
 
 
 def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:

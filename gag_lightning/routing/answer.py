@@ -1,227 +1,221 @@
-"""Routed mixed-domain answering (METHOD.md section 6): one shared frozen base, one expert + adapter per domain.
+"""Routed answering (METHOD.md section 6): one shared frozen base, each domain route its own expert and adapter.
 
-Queries are grouped by route and answered in batches: the general route is the base alone with the
-general prompt; a domain route runs that domain's expert to write backgrounds, compresses them into
-memories (the same code as the memory stage) and lets the base answer with the memory injected
-(the same harness as the eval stage). Every route decodes through `generate_batched` with the same
-settings, so the general answers are exactly what the base alone gives.
+A ``RouteAnswerer`` holds **one** copy of the base and, per domain route, that route's ``RouteProfile``
+(``routing.profiles``: its instruction, request text, background prompt, compression schema and answer length,
+from its own preset or its artifacts' metadata, never from the domain the command was composed with) with its
+expert and adapter, loaded once on first use. Queries are grouped by route and each group is answered in
+batches: the general route is the base alone with the general prompt (the eval harness's ``base`` system); a
+domain route runs its expert to write backgrounds, compresses them into memories exactly as the memory stage
+did (same prompts, decoding, stop ids, compression, storage dtype) and lets the base answer with the memories
+injected through the eval harness's ``gag`` system, with the instruction and request text the adapter was
+trained with. Every route decodes through ``generate_batched`` with the eval stage's settings. The answerer lives in
+``routing.answerer``, the scoring in ``routing.scoring``, the server's batch decoder in ``routing.decoding``.
+
+``answer_mixed`` is ``route.py mode=answer``: the mixed online test answered three ways (``routed``: the
+router's route; ``oracle``: the gold route; ``base``: the base alone for every query), scored per dataset
+(fact_acc, EM, token F1, BERTScore, STS), with the process's peak RSS beside the weights of one base plus
+each route's expert and adapter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gag_lightning.artifacts import atomic_write_text
-from gag_lightning.data.records import QARecord
-from gag_lightning.errors import GAGError
-from gag_lightning.eval.facts import fact_match, token_f1
-from gag_lightning.eval.generation import DecodingConfig, generate_batched
-from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
-from gag_lightning.eval.limits import check_prompts_fit
-from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
-from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
-from gag_lightning.memory.extract import CompressionConfig, extract_memories
-from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
-from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-from gag_lightning.prompts import GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, stop_token_ids
+from gag_lightning.routing.answerer import (
+    DomainRoute,
+    RouteAnswerer,
+    RoutedAnswer,
+    peak_rss_bytes,
+    resolve_profiles,
+    rss_bytes,
+)
+from gag_lightning.routing.decoding import greedy_shrinking
+from gag_lightning.routing.profiles import GENERAL, route_entries
+from gag_lightning.routing.scoring import fact_aliases, score_routed, score_systems
 
 log = logging.getLogger(__name__)
 
+SYSTEMS = ("routed", "oracle", "base")
+ANSWER_REPORT = "answer_report.json"
 
-@dataclass
-class DomainPath:
-    """What answering one domain needs, loaded once and reused for all its queries."""
-
-    name: str
-    expert: Any
-    expert_tokenizer: Any
-    adapter: Any
-    instruction: str
-
-
-def _domain_artifacts(cfg: DictConfig, route: str) -> tuple[Path, Path, str]:
-    """(expert dir, adapter dir, instruction) of a route: the current domain's artifacts or explicit paths."""
-    from gag_lightning.pipeline.gag import gag_adapter_dir
-    from gag_lightning.pipeline.keys import upstream_folder
-    from gag_lightning.pipeline.memory import memory_expert_path
-
-    if route == str(cfg.domain.name):
-        return memory_expert_path(cfg), gag_adapter_dir(cfg, cfg.eval.get("adapter")), str(cfg.domain.instruction)
-    domains = OmegaConf.to_container(cfg.router.domains, resolve=True) or {}
-    for key, spec in domains.items():
-        if spec and (spec.get("name") or key) == route:
-            if not spec.get("expert") or not spec.get("adapter"):
-                raise GAGError(f"route '{route}' has no trained artifacts for answering: set "
-                               f"router.domains.{key}.expert=/path/to/sft-expert and "
-                               f"router.domains.{key}.adapter=/path/to/gag-adapter")
-            # finished artifacts only (an unfinished one is refused unless allow_unfinished=true)
-            expert = upstream_folder(cfg, f"router.domains.{key}.expert", spec["expert"], external_ok=True)[0]
-            adapter = upstream_folder(cfg, f"router.domains.{key}.adapter", spec["adapter"])[0]
-            return expert, adapter, str(spec.get("instruction") or "")
-    raise GAGError(f"route '{route}' is not configured under router.domains")
+# the answerer, decoder and scoring names stay importable from here
+__all__ = [
+    "ANSWER_REPORT",
+    "DomainRoute",
+    "RouteAnswerer",
+    "RoutedAnswer",
+    "answer_mixed",
+    "answer_routed",
+    "fact_aliases",
+    "greedy_shrinking",
+    "memory_report",
+    "resolve_profiles",
+    "score_routed",
+    "score_systems",
+]
 
 
-def decoding_config(cfg: DictConfig) -> DecodingConfig:
-    from gag_lightning.pipeline.evaluate import decoding_config as eval_decoding
-
-    return eval_decoding(cfg)
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    from gag_lightning.pipeline.evaluate import eval_device
-
-    return eval_device(cfg)
-
-
-def build_memories(path: DomainPath, questions: Sequence[str], cfg: DictConfig,
-                   labels: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Expert backgrounds and [N, K, S, H_e] memories for routed questions (METHOD.md section 3); `labels` name
-    the questions in an error (a prompt longer than the expert's positions)."""
-    gen_cfg = BackgroundConfig.from_mapping(OmegaConf.to_container(cfg.memory.generation, resolve=True),
-                                            seed=int(cfg.seed))
-    if path.instruction and gen_cfg.prompt_style == "sft":
-        gen_cfg = BackgroundConfig(**{**gen_cfg.__dict__, "instruction": path.instruction})
-    records = [QARecord(index=i, id=str(i), question=q, answer="") for i, q in enumerate(questions)]
-    prompts = background_prompt_ids(path.expert_tokenizer, records, gen_cfg)
-    check_prompts_fit(path.expert, prompts, gen_cfg.max_new_tokens, labels)
-    decoding = DecodingConfig(max_new_tokens=gen_cfg.max_new_tokens, do_sample=gen_cfg.do_sample,
-                              temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
-                              batch_size=int(cfg.memory.generation.batch_size))
-    stops = stop_token_ids(path.expert_tokenizer, getattr(path.expert, "generation_config", None))
-    gens = generate_batched(path.expert, path.expert_tokenizer, prompts, decoding, stops)
-    compression = CompressionConfig.from_mapping(OmegaConf.to_container(cfg.memory.compression, resolve=True))
-    memories = []
-    batch = int(cfg.memory.compression.batch_size)
-    for start in range(0, len(prompts), batch):
-        memories.append(extract_memories(path.expert, prompts[start: start + batch],
-                                         [g.token_ids for g in gens[start: start + batch]], compression).cpu())
-    return torch.cat(memories), [g.text for g in gens]
+def memory_report(answerer: RouteAnswerer, rss_after_load: int | None = None) -> dict[str, Any]:
+    """The answerer's weights beside this process's RSS. Weights are memory-mapped and paged in as they are first
+    used, so the RSS right after loading says little; the peak while answering (every weight used) minus the RSS
+    before the models were loaded is what the models cost, to compare with one base + N experts + N adapters."""
+    mem = answerer.memory()
+    mem["peak_rss_bytes"] = peak_rss_bytes()
+    mem["rss_after_models_bytes"] = rss_after_load
+    before = mem["rss_before_models_bytes"]
+    if before is not None:
+        mem["peak_growth_bytes"] = mem["peak_rss_bytes"] - before
+    mib = 2**20
+    parts = [f"1 base {mem['base_bytes'] / mib:.0f}"] + [
+        f"{n}: expert {mem['expert_bytes'][n] / mib:.0f} + adapter {mem['adapter_bytes'][n] / mib:.1f}"
+        for n in mem["expert_bytes"]]
+    weights = mem["one_base_plus_routes_bytes"]
+    mem["summary"] = (f"peak RSS while answering {mem['peak_rss_bytes'] / mib:.0f} MiB"
+                      + (f" = {before / mib:.0f} MiB before the models + {mem['peak_growth_bytes'] / mib:.0f} MiB"
+                         if before is not None else "")
+                      + f"; weights {weights / mib:.0f} MiB ({'; '.join(parts)} MiB); a second base would make the "
+                      f"weights alone {(weights + mem['base_bytes']) / mib:.0f} MiB")
+    return mem
 
 
+# ------------------------------------------------------------------------------------------- mode=query
 def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], records: Sequence[Any] | None = None,
                   out_dir: str | Path | None = None) -> list[str]:
-    """Answer each question on its route; with `records` (the mixed test set) also score and write reports."""
-    from gag_lightning.pipeline.gag import load_base
-
-    if len(questions) != len(routes):
-        raise GAGError(f"{len(questions)} questions but {len(routes)} routes")
-    device = _device(cfg)
-    base, tokenizer, placeholder, _ = load_base(cfg)
-    base.to(device).eval()
-    decoding = decoding_config(cfg)
-    labels = _labels(cfg, records, len(questions))
-    by_route: dict[str, list[int]] = defaultdict(list)
-    for i, route in enumerate(routes):
-        by_route[route].append(i)
-    answers: list[str] = [""] * len(questions)
-    backgrounds: dict[int, str] = {}
-    notes: list[str] = []
-    general = "general"
-    for route, rows in by_route.items():
-        qs = [questions[i] for i in rows]
-        if route == general:
-            # the base's placeholder id only for decoding: every route suppresses a placeholder token alike
-            harness = EvalHarness(base, tokenizer, decoding, gag_token_id=placeholder.id,
-                                  base_request_text=GENERAL_REQUEST_TEXT, instruction=GENERAL_INSTRUCTION)
-            items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
-            check_prompts_fit(base, harness.prompts("base", items), decoding.max_new_tokens, [labels[i] for i in rows])
-            gens = harness.generate("base", items)
-        else:
-            expert_dir, adapter_dir, instruction = _domain_artifacts(cfg, route)
-            log.info("[answer] route %s: %d queries, expert %s, adapter %s", route, len(rows), expert_dir, adapter_dir)
-            path = DomainPath(route, load_causal_lm(expert_dir, cfg.hardware.get("base_dtype", "float32")).to(device)
-                              .eval(), load_tokenizer(expert_dir), load_adapter(adapter_dir, device=device).eval(),
-                              instruction)
-            note = selection_note(path.adapter.config)
-            if note:
-                notes.append(f"route {route}: {note}")
-            memories, texts = build_memories(path, qs, cfg, labels=[labels[i] for i in rows])
-            harness = EvalHarness(base, tokenizer, decoding, adapter=path.adapter,
-                                  gag_token_id=adapter_placeholder(path.adapter.config, tokenizer).id,
-                                  memories=memories, request_text=str(cfg.domain.request_text), instruction=instruction)
-            items = [EvalItem(id=str(i), question=q, reference="") for i, q in zip(rows, qs, strict=True)]
-            check_prompts_fit(base, harness.prompts("gag", items), decoding.max_new_tokens, [labels[i] for i in rows])
-            gens = harness.generate("gag", items)
-            for i, text in zip(rows, texts, strict=True):
-                backgrounds[i] = text
-            del path
-        for i, gen in zip(rows, gens, strict=True):
-            answers[i] = gen.text
+    """Answer each question on its route (the routes it needs are loaded); with ``records`` and ``out_dir`` also
+    score the answers as the ``routed`` system."""
+    answerer = RouteAnswerer(cfg, resolve_profiles(cfg, sorted({*routes, GENERAL})))
+    answers = answerer.answer(questions, routes, _labels(cfg, records, len(questions)))
     if records is not None and out_dir is not None:
-        score_routed(cfg, records, routes, answers, backgrounds, Path(out_dir), notes)
-    return answers
+        backgrounds = {i: a.background for i, a in enumerate(answers) if a.background is not None}
+        score_routed(cfg, records, routes, [a.text for a in answers], backgrounds, Path(out_dir), answerer.notes())
+    return [a.text for a in answers]
 
 
 def _labels(cfg: DictConfig, records: Sequence[Any] | None, n: int) -> list[str]:
     """How an error names each routed question: the test file's 1-based line, or the query's position."""
     if records is not None:
+        from omegaconf import OmegaConf
+
         test_set = OmegaConf.select(cfg, "router.test_set", default="the mixed test set")
         return [f"{test_set}, line {getattr(r, 'line', None) or '?'}: field 'question'" for r in records]
     return [f"query {i + 1}" for i in range(n)]
 
 
-def fact_aliases(record: Any, general_sets: set[str]) -> list[str] | None:
-    """The gold aliases fact_acc checks: the record's explicit `answers`, else a general set's gold answer list
-    (short answers by construction); None for a specialist record without `answers` (its `answer` is a reference
-    text, not a fact to find verbatim), which makes its fact_acc n/a rather than 0."""
-    explicit = getattr(record, "fact_answers", None)
-    if explicit is not None:
-        return list(explicit)
-    if record.dataset_name in general_sets and record.answers:
-        return list(record.answers)
-    return None
+# ------------------------------------------------------------------------------------------- mode=answer
+def answer_mixed(cfg: DictConfig, records: Sequence[Any], routed: Sequence[str], gold: Sequence[str],
+                 out_dir: str | Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The mixed online test answered by the router's routes, by the gold routes and by the base alone.
+
+    Routed and oracle answers come from one pass per route over the union of the queries either system sends
+    there (a (route, question) pair is decoded once); the base-alone system is decoded on its own, so the general
+    route's answers are compared with an independent base run. Writes predictions.jsonl, metrics.json,
+    report.md and answer_report.json into ``out_dir``; returns (that report, {system: answer texts}).
+    """
+    out = Path(out_dir)
+    questions = [r.question for r in records]
+    configured = _configured(cfg)
+    unknown = sorted({*routed, *gold} - configured)
+    if unknown:
+        log.warning("[answer] route(s) %s have no configured answering route: their queries get empty answers",
+                    unknown)
+    t0 = time.perf_counter()
+    answerer = RouteAnswerer(cfg, resolve_profiles(cfg, sorted({*routed, *gold, GENERAL} & configured)))
+    answerer.load_all()
+    rss_after_load = rss_bytes()
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    needed: dict[str, list[int]] = defaultdict(list)
+    for i in range(len(records)):
+        for route in dict.fromkeys((routed[i], gold[i])):
+            if route in answerer.profiles:
+                needed[route].append(i)
+    labels = _labels(cfg, records, len(records))
+    by_pair: dict[tuple[str, int], RoutedAnswer] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for route, rows in needed.items():
+        t = time.perf_counter()
+        answers = answerer.answer_route(route, [questions[i] for i in rows], labels=[labels[i] for i in rows])
+        for i, ans in zip(rows, answers, strict=True):
+            by_pair[(route, i)] = ans
+        timings[route] = {"queries": len(rows), "seconds": time.perf_counter() - t}
+        log.info("[answer] route %s: %d queries in %.1fs", route, len(rows), timings[route]["seconds"])
+    t = time.perf_counter()
+    base_answers = answerer.answer_route(GENERAL, questions, labels=labels)
+    timings["base_alone"] = {"queries": len(questions), "seconds": time.perf_counter() - t}
+    answer_s = time.perf_counter() - t0
+
+    def pick(routes: Sequence[str]) -> list[RoutedAnswer]:
+        return [by_pair.get((r, i)) or RoutedAnswer("", r, None, False, 0) for i, r in enumerate(routes)]
+
+    systems = {"routed": (list(routed), pick(routed)), "oracle": (list(gold), pick(gold)),
+               "base": ([GENERAL] * len(records), base_answers)}
+    memory = memory_report(answerer, rss_after_load)  # before the scorers load their models
+    notes = answerer.notes()
+    summary = score_systems(cfg, records, systems, out, notes)
+    general_rows = [i for i, r in enumerate(routed) if r == GENERAL]
+    same = sum(systems["routed"][1][i].text == base_answers[i].text for i in general_rows)
+    groups = {s: summary[s].get("groups", {}) for s in SYSTEMS}
+    report = {
+        "systems": {s: {name: _headline(stats) for name, stats in g.items()} for s, g in groups.items()},
+        "all": {s: _headline(summary[s]) for s in SYSTEMS},
+        "routed_minus_oracle_fact_acc": {
+            name: (None if stats.get("fact_acc") is None or groups["oracle"][name].get("fact_acc") is None
+                   else stats["fact_acc"] - groups["oracle"][name]["fact_acc"])
+            for name, stats in groups["routed"].items()},
+        "notes": notes,
+        "misrouted": sum(r != g for r, g in zip(routed, gold, strict=True)),
+        "general_route_vs_base": {"queries": len(general_rows), "identical_answers": same},
+        "routes": {n: p.describe() for n, p in answerer.profiles.items()},
+        "memory": memory,
+        "timing": {"load_s": load_s, "answer_s": answer_s, "per_route": timings},
+    }
+    atomic_write_text(out / ANSWER_REPORT, json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    _print_answer_report(report)
+    return report, {name: [a.text for a in answers] for name, (_, answers) in systems.items()}
 
 
-def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str], answers: Sequence[str],
-                 backgrounds: dict[int, str], out_dir: Path, notes: Sequence[str] = ()) -> dict[str, Any]:
-    """Per-dataset metrics: fact_acc (records with gold aliases) and token F1 for every set, has-answer EM for
-    general sets, BERTScore F1 and STS for specialist sets. ``notes`` (an adapter selected on the test split)
-    head report.md and sit in metrics.json."""
-    from gag_lightning.pipeline.evaluate import build_scorers
+def _configured(cfg: DictConfig) -> set[str]:
+    return {str(e.get("name") or k) for k, e in route_entries(cfg).items()} | {GENERAL}
 
-    general_sets = set(OmegaConf.to_container(cfg.router.domains.general.dataset_names, resolve=True))
-    specialist = [i for i, r in enumerate(records) if r.dataset_name not in general_sets]
-    scores: dict[int, dict[str, float]] = defaultdict(dict)
-    if specialist:
-        scorers = build_scorers(cfg, _device(cfg))
-        preds = [answers[i] for i in specialist]
-        refs = [records[i].answers[0] for i in specialist]
-        for name, scorer in scorers.items():
-            for i, value in zip(specialist, scorer.score(preds, refs), strict=True):
-                scores[i][name] = 0.0 if is_empty_prediction(answers[i]) else float(value)
-    rows = []
-    for i, rec in enumerate(records):
-        row = {"system": "routed", "dataset_name": rec.dataset_name, "question": rec.question, "route": routes[i],
-               "reference": rec.answers, "prediction": answers[i], "empty": is_empty_prediction(answers[i]),
-               **scores.get(i, {})}
-        aliases = fact_aliases(rec, general_sets)
-        row["fact_acc"] = fact_match(answers[i], aliases) if aliases is not None else None
-        row["token_f1"] = max((token_f1(answers[i], ref) for ref in rec.answers), default=0.0)
-        if rec.dataset_name in general_sets:
-            row["em"] = has_answer(answers[i], rec.answers)
-        if i in backgrounds:
-            row["background"] = backgrounds[i]
-        rows.append(row)
-    summary = summarize_scores(rows, by="dataset_name", metrics=("fact_acc", "token_f1", "bertscore_f1", "sts", "em"))
-    per_dataset = summary["routed"].get("groups", {})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "predictions.jsonl",
-                      "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"systems": summary, "notes": list(notes)}, indent=2,
-                                                           ensure_ascii=False))
-    table = {f"routed/{name}": stats for name, stats in per_dataset.items()}
-    table["routed/all"] = {k: v for k, v in summary["routed"].items() if k != "groups"}
-    atomic_write_text(out_dir / "report.md", markdown_report(table, "routed mixed-domain answering", notes))
-    from gag_lightning.eval.harness import print_report
 
-    print_report(table, "routed mixed-domain answering")
-    return summary
+def _headline(stats: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("n", "fact_acc", "fact_acc_ci", "em", "token_f1", "bertscore_f1", "sts")
+    return {k: stats.get(k) for k in keys if k in stats}
+
+
+def _print_answer_report(report: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * float(x):.1f}"
+
+    table = Table(title="mixed-domain answering: routed vs oracle routing vs base alone (x100)")
+    table.add_column("dataset")
+    table.add_column("n", justify="right")
+    for s in SYSTEMS:
+        for m in ("fact_acc", "em", "bertscore_f1"):
+            table.add_column(f"{s} {m}", justify="right")
+    systems = report["systems"]
+    for name in systems["routed"]:
+        row = [name, str(systems["routed"][name].get("n"))]
+        for s in SYSTEMS:
+            stats = systems[s].get(name, {})
+            row += [pct(stats.get(m)) for m in ("fact_acc", "em", "bertscore_f1")]
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    g = report["general_route_vs_base"]
+    console.print(f"general route vs base alone: {g['identical_answers']}/{g['queries']} identical answers; "
+                  f"misrouted queries: {report['misrouted']}")
+    console.print(report["memory"]["summary"])

@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible, routed GAG server on LitServe (``serve.py``)."""
