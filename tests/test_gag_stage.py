@@ -17,8 +17,10 @@ import torch
 from gag_lightning.data.gag import GAGCollator, GAGDataModule, check_bank_against_adapter
 from gag_lightning.errors import SchemaMismatchError
 from gag_lightning.eval import harness as harness_mod
+from gag_lightning.eval import report as report_mod
 from gag_lightning.eval.generation import DecodingConfig, Generation
-from gag_lightning.eval.harness import EvalHarness, EvalItem, derangement, items_from_metas, write_outputs
+from gag_lightning.eval.harness import EvalHarness, EvalItem, derangement, items_from_metas
+from gag_lightning.eval.report import write_outputs
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.models.adapter import (
     GAG_TOKEN,
@@ -417,7 +419,7 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
     gag_line = next(line for line in report.splitlines() if line.startswith("| gag |"))
     assert gag_line.startswith("| gag | n/a | ") and f"| {100 * (n - 1) / n:.2f} |" in gag_line and f"1/{n}" in gag_line
     assert "GAG minus base: n/a" in report
-    assert not any(k.endswith("fact_acc") for k in harness_mod.flat_metrics(result.summary))
+    assert not any(k.endswith("fact_acc") for k in report_mod.flat_metrics(result.summary))
 
 
 class FormScorer:
@@ -457,7 +459,7 @@ def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer
     assert base_s["paired_vs_gag"] == pytest.approx(paired_bootstrap([1.0, 1.0, 1.0], [0.0, 0.0, 1.0]))
     assert base_s["bertscore_f1"] > gag["bertscore_f1"]  # the form score prefers the wrong fluent answers
 
-    flat = harness_mod.flat_metrics(result.summary)
+    flat = report_mod.flat_metrics(result.summary)
     base_keys = [k for k in flat if k.startswith("eval/base/")]
     assert base_keys[:4] == ["eval/base/fact_acc", "eval/base/fact_acc_lo", "eval/base/fact_acc_hi",
                              "eval/base/token_f1"]
@@ -466,7 +468,7 @@ def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer
 
     paths = write_outputs(tmp_path / "eval", result, "facts")
     report = paths["report"].read_text()
-    header, table = harness_mod.report_rows(result.summary)
+    header, table = report_mod.report_rows(result.summary)
     assert header[1] == "fact_acc x100 [95% CI]" and header[2] == "token F1 x100"
     lo, hi = (100 * x for x in base_s["fact_acc_ci"])
     assert table[0][:2] == ["base", f"33.3 [{lo:.1f}, {hi:.1f}]"] and table[1][:2] == ["gag", "100.0 [100.0, 100.0]"]

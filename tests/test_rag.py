@@ -17,7 +17,8 @@ from gag_lightning.baselines.retrieval import (
     top_k,
 )
 from gag_lightning.eval.generation import DecodingConfig
-from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.eval.harness import EvalHarness, EvalItem
+from gag_lightning.eval.report import markdown_report
 from gag_lightning.prompts import context_user_text
 from tests.conftest import ROOT, compose
 

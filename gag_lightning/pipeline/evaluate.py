@@ -85,7 +85,7 @@ def split_title(cfg: DictConfig, split: str, n_records: int) -> str:
 
 def _print_manifest_reports(manifest: dict[str, Any], cfg: DictConfig) -> None:
     """Every split's table from a finished artifact's manifest (the `skipping` path)."""
-    from gag_lightning.eval.harness import print_report
+    from gag_lightning.eval.report import print_report
 
     summary, settings = manifest.get("summary") or {}, manifest.get("settings") or {}
     for split in manifest.get("splits") or []:
@@ -102,15 +102,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     flat metrics `eval/<split>/<system>/<metric>`.
     """
     from gag_lightning.data.gag import check_bank_against_adapter
-    from gag_lightning.eval.harness import (
-        SYSTEMS,
-        EvalHarness,
-        flat_metrics,
-        items_from_metas,
-        print_report,
-        write_outputs,
-        write_split_outputs,
-    )
+    from gag_lightning.eval.harness import SYSTEMS, EvalHarness, items_from_metas
+    from gag_lightning.eval.report import flat_metrics, print_report, write_outputs, write_split_outputs
     from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
     from gag_lightning.pipeline.gag import base_identity, gag_adapter_dir, load_base, memory_bank_dir

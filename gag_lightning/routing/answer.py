@@ -25,9 +25,10 @@ from gag_lightning.data.records import QARecord
 from gag_lightning.errors import GAGError
 from gag_lightning.eval.facts import fact_match, token_f1
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
-from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.eval.harness import EvalHarness, EvalItem
 from gag_lightning.eval.limits import check_prompts_fit
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
+from gag_lightning.eval.report import markdown_report
 from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
 from gag_lightning.memory.extract import CompressionConfig, extract_memories
 from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
@@ -221,7 +222,7 @@ def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str],
     table = {f"routed/{name}": stats for name, stats in per_dataset.items()}
     table["routed/all"] = {k: v for k, v in summary["routed"].items() if k != "groups"}
     atomic_write_text(out_dir / "report.md", markdown_report(table, "routed mixed-domain answering", notes))
-    from gag_lightning.eval.harness import print_report
+    from gag_lightning.eval.report import print_report
 
     print_report(table, "routed mixed-domain answering")
     return summary
