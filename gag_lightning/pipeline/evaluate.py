@@ -1,12 +1,20 @@
-"""Evaluation runner: all systems on every eval split's memory bank, one run, one decoding path."""
+"""Evaluation runner: all systems on every eval split's memory bank, one run, one decoding path.
+
+Decoding runs as Lightning's predict loop over the planned batches (``stages.eval``): under DDP every rank loads
+the models and decodes its share of the batches, the predictions are gathered, and rank 0 scores them and writes
+the artifact. The predictions are the same on any number of processes (whole batches are dealt, see
+``stages.eval.datamodule``).
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
+import warnings
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -15,7 +23,7 @@ from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.memory.bank import MemoryBank
 from gag_lightning.pipeline.keys import artifact_dir, container, eval_splits, stage_key
-from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers
+from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,23 @@ def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _log_progress(split: str, n_records: int, system: str) -> None:
-    log.info("[eval] %s/%s: %d records", split, system, n_records)
+def eval_trainer(cfg: DictConfig) -> L.Trainer:
+    """The predict Trainer: the hardware preset's accelerator, devices, nodes and strategy.
+
+    A sharded training strategy (FSDP, DeepSpeed) becomes DDP: each rank holds the whole frozen models for
+    inference. Precision is ``32-true``: the models are loaded in ``hardware.base_dtype`` as before, and no
+    autocast changes their numerics.
+    """
+    kwargs = trainer_kwargs(cfg, None)
+    kept = {k: kwargs[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in kwargs}
+    strategy = kept.get("strategy", "auto")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if "fsdp" in name.lower() or "deepspeed" in name.lower():
+        log.info("[eval] trainer.strategy -> ddp: each rank holds the whole frozen models for inference")
+        kept["strategy"] = "ddp"
+    return L.Trainer(**kept, precision="32-true", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(Path(cfg.paths.output_dir) / "eval"))
 
 
 def split_title(cfg: DictConfig, split: str, n_records: int) -> str:
@@ -110,12 +133,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
-    rank = global_rank()
-    if rank:
-        # after a DDP fit every rank runs the rest of the pipeline; evaluation is one process's job (it would
-        # otherwise decode everything once per rank, on one GPU, and write the same files concurrently)
-        log.info("[eval] rank %d: evaluation runs on rank 0 only", rank)
-        return {"artifact": str(out_dir), "rank_skipped": rank}
     manifest = read_manifest(out_dir)
     if manifest is not None:
         log.info("[eval] artifact already complete for this configuration: %s (skipping)", out_dir)
@@ -136,9 +153,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         from gag_lightning.pipeline.lora import check_lora_base, load_lora, lora_adapter_dir, lora_bytes
 
         lora_dir = lora_adapter_dir(cfg, node.get("lora_adapter"))
-    if out_dir.exists():
+    if out_dir.exists() and global_rank() == 0:
         shutil.rmtree(out_dir)
-    device = eval_device(cfg)
+    trainer = eval_trainer(cfg)
+    device = trainer.strategy.root_device  # this rank's device (every rank decodes its share)
     unfinished = unfinished_inputs(stage_key(cfg, "eval"))
     if unfinished:
         log.warning("[eval] allow_unfinished=true: reading unfinished upstream folder(s) %s", unfinished)
@@ -176,10 +194,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         from gag_lightning.baselines.rag import build_rag_index, rag_retrieval
 
         rag_index = build_rag_index(cfg, device=str(device))
-    scorers = build_scorers(cfg, device)
 
-    # ---- each split: its bank, the same harness settings, its own outputs
-    results, titles, paths, metrics = {}, {}, {}, {}
+    # ---- each split: its bank and records, the same harness settings
+    harnesses, split_items, retrievals = {}, {}, {}
     for split in splits:
         bank = MemoryBank.open(bank_dirs[split])
         if adapter is not None:
@@ -198,7 +215,39 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                               retrieved=retrieval.passages if retrieval else None,
                               retrieval_summary=retrieval.summary() if retrieval else None, lora=lora,
                               share_prefix=bool(node.get("share_prefix", True)))
-        result = harness.run(items, systems, scorers, progress=functools.partial(_log_progress, split, len(items)))
+        harness.check_systems(items, systems)
+        harnesses[split], split_items[split], retrievals[split] = harness, items, retrieval
+
+    # ---- decoding: Lightning's predict loop over the planned batches (shared out across ranks under DDP)
+    from gag_lightning.stages.eval.datamodule import EvalDataModule, plan_eval
+    from gag_lightning.stages.eval.module import (
+        EvalModule,
+        all_gather_predictions,
+        assemble,
+        decoded_per_rank,
+    )
+
+    plan = plan_eval(harnesses, split_items, systems)
+    log.info("[eval] %d batches (%s x %d systems) over %d process(es)", len(plan),
+             ", ".join(f"{s}: {len(split_items[s])} records" for s in splits), len(systems), trainer.world_size)
+    with warnings.catch_warnings():  # the predict loop's own advice on workers does not apply: no data loading
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        local = trainer.predict(EvalModule(harnesses, split_items), datamodule=EvalDataModule(plan),
+                                return_predictions=True)
+    predictions = all_gather_predictions([p for batch in local or [] for p in batch])
+    per_rank = decoded_per_rank(predictions)
+    log.info("[eval] answers decoded per rank: %s", per_rank)
+    if trainer.global_rank != 0:  # rank 0 scores and writes the artifact
+        return {"artifact": str(out_dir), "rank": trainer.global_rank, "decoded": per_rank.get(trainer.global_rank, 0)}
+    generations = assemble(predictions, plan, {s: len(split_items[s]) for s in splits})
+    scorers = build_scorers(cfg, device)
+
+    # ---- each split: scores and its own outputs
+    results, titles, paths, metrics = {}, {}, {}, {}
+    for split in splits:
+        harness, items, retrieval = harnesses[split], split_items[split], retrievals[split]
+        result = harness.score(items, systems, generations[split], scorers)
+        result.settings.update(decoded_per_rank={str(r): n for r, n in per_rank.items()})
         result.settings.update(split=split, bank=str(bank_dirs[split]),
                                adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
                                bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
