@@ -264,7 +264,7 @@ def test_routed_reports_carry_the_test_selection_note(tmp_path):
     from omegaconf import OmegaConf
 
     from gag_lightning.data.records import MixedRecord
-    from gag_lightning.models.adapter import selection_note
+    from gag_lightning.models.adapter_io import selection_note
     from gag_lightning.routing.answer import score_routed
 
     config = AdapterConfig(expert_hidden=H_E, base_hidden=96, slots=S, layers=K, layer_keys=LAYER_KEYS)

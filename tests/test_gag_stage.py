@@ -27,9 +27,8 @@ from gag_lightning.models.adapter import (
     AdapterConfig,
     GAGAdapter,
     InjectionError,
-    load_adapter,
-    save_adapter,
 )
+from gag_lightning.models.adapter_io import load_adapter, save_adapter
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.prompts import choose_placeholder, decode_prompt
 from gag_lightning.stages.gag import GAGModule

@@ -160,8 +160,8 @@ def test_query_mode_prints_route_scores_and_answer(compose_cfg, smoke_pipeline, 
 
 def test_answer_mode_scores_per_dataset_and_general_matches_base(compose_cfg, smoke_pipeline, tmp_path) -> None:
     from gag_lightning.eval.generation import generate_batched
-    from gag_lightning.pipeline.evaluate import decoding_config
-    from gag_lightning.pipeline.gag import load_base
+    from gag_lightning.eval.settings import decoding_config
+    from gag_lightning.models.base import load_base
     from gag_lightning.prompts import (
         GENERAL_INSTRUCTION,
         GENERAL_REQUEST_TEXT,
@@ -236,7 +236,7 @@ def test_routed_answers_report_fact_acc_per_dataset(tmp_path, monkeypatch) -> No
     from omegaconf import OmegaConf
 
     from gag_lightning.data.records import MixedRecord
-    from gag_lightning.pipeline import evaluate
+    from gag_lightning.eval import settings as evaluate
     from gag_lightning.routing.answer import score_routed
     from gag_lightning.routing.run import answer_metrics
 

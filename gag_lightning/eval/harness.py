@@ -219,7 +219,7 @@ class EvalHarness:
 
     # ------------------------------------------------------------------ injection
     def _embed_fn(self, rows_to_memory: list[int]):
-        from gag_lightning.stages.gag import injected_embeddings
+        from gag_lightning.models.adapter import injected_embeddings
 
         base, adapter, memories, gag_id = self.base, self.adapter, self.memories, self.gag_token_id
 

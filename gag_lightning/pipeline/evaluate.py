@@ -15,71 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from gag_lightning.artifacts import atomic_write_text, read_manifest, unfinished_inputs, write_manifest
 from gag_lightning.errors import GAGError, SchemaMismatchError
-from gag_lightning.eval.generation import DecodingConfig
+from gag_lightning.eval.settings import build_scorers, decoding_config
 from gag_lightning.memory.bank import MemoryBank
 from gag_lightning.pipeline.keys import artifact_dir, container, eval_splits, stage_key
 from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers, trainer_kwargs
 
 log = logging.getLogger(__name__)
-
-
-def eval_device(cfg: DictConfig) -> torch.device:
-    accel = str(cfg.trainer.get("accelerator", "cpu"))
-    if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def decoding_config(cfg: DictConfig) -> DecodingConfig:
-    """The one DecodingConfig every system uses (greedy; METHOD.md section 5)."""
-    node = cfg.eval.decoding
-    return DecodingConfig(max_new_tokens=int(node.max_new_tokens), do_sample=False,
-                          repetition_penalty=float(node.repetition_penalty),
-                          no_repeat_ngram_size=int(node.no_repeat_ngram_size), batch_size=int(node.batch_size))
-
-
-def fit_chunk_size(model_dir: Any, wanted: int) -> int:
-    """The BERTScore chunk size: ``wanted`` word-pieces, or fewer if the encoder cannot take that many.
-
-    The spec's ~500 assumes a 512-position encoder; an encoder with a shorter window (the tiny test encoder
-    takes 256) gets chunks that fit it, with a warning, instead of an error at the end of a long run.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from gag_lightning.eval.metrics import _resolve_model_dir
-
-    path = _resolve_model_dir(model_dir, "BERTScore encoder", ("config.json",))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None) or 10**9
-    limit = min(int(min(tokenizer.model_max_length, 10**9)), int(positions))
-    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
-    if wanted + n_special > limit:
-        log.warning("BERTScore max_tokens=%d does not fit the encoder's %d positions; chunks of %d word-pieces",
-                    wanted, limit, limit - n_special)
-        return limit - n_special
-    return wanted
-
-
-def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    from gag_lightning.eval.metrics import ChunkedBERTScore, STSScorer
-    from gag_lightning.models.loading import resolve_path
-
-    enc = cfg.model.encoders
-    node = cfg.eval
-    dev = str(device)
-    bert_dir = resolve_path(enc.bertscore, cfg.paths.cache_dir)
-    return {
-        "bertscore_f1": ChunkedBERTScore(bert_dir, num_layers=int(node.bertscore.layer),
-                                         max_tokens=fit_chunk_size(bert_dir, int(node.bertscore.max_tokens)),
-                                         batch_size=int(node.bertscore.get("batch_size", 64)), device=dev),
-        "sts": STSScorer(resolve_path(enc.sts, cfg.paths.cache_dir),
-                         batch_size=int(node.sts.get("batch_size", 64)), device=dev),
-    }
 
 
 def eval_trainer(cfg: DictConfig) -> L.Trainer:
@@ -127,9 +72,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from gag_lightning.data.gag import check_bank_against_adapter
     from gag_lightning.eval.harness import SYSTEMS, EvalHarness, items_from_metas
     from gag_lightning.eval.report import flat_metrics, print_report, write_outputs, write_split_outputs
-    from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
+    from gag_lightning.models.adapter_io import adapter_placeholder, load_adapter, selection_note
+    from gag_lightning.models.base import base_identity, load_base
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-    from gag_lightning.pipeline.gag import base_identity, gag_adapter_dir, load_base, memory_bank_dir
+    from gag_lightning.pipeline.gag import gag_adapter_dir, memory_bank_dir
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
@@ -290,4 +236,4 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return {"artifact": str(out_dir), **metrics}
 
 
-__all__ = ["build_scorers", "decoding_config", "eval_device", "fit_chunk_size", "run_eval", "split_title"]
+__all__ = ["eval_trainer", "run_eval", "split_title"]

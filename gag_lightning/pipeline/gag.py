@@ -33,10 +33,10 @@ from gag_lightning.models.adapter import (
     ADAPTER_WEIGHTS,
     AdapterConfig,
     GAGAdapter,
-    load_adapter,
-    save_adapter,
 )
-from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.models.adapter_io import load_adapter, save_adapter
+from gag_lightning.models.base import base_identity, load_base
+from gag_lightning.models.loading import resolve_path
 from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key, upstream_folder
 from gag_lightning.pipeline.trainer import (
     build_trainer,
@@ -48,7 +48,7 @@ from gag_lightning.pipeline.trainer import (
     sharded_final_checkpoint,
     stage_checkpoint,
 )
-from gag_lightning.prompts import Placeholder, choose_placeholder
+from gag_lightning.prompts import Placeholder
 
 log = logging.getLogger(__name__)
 
@@ -90,29 +90,9 @@ def expected_schema(cfg: DictConfig) -> dict[str, Any]:
     return {"slots": int(comp.slots), "layer_keys": list(comp.layer_keys)}
 
 
-def base_identity(base_dir: Path) -> str:
-    """``<dir name>@<fingerprint>``: recorded in the adapter so evaluation can refuse another base."""
-    return f"{base_dir.name}@{fingerprint_dir(base_dir)}"
-
-
 def weights_bytes(folder: Path) -> int:
     """On-disk size of a model directory's weight files."""
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in folder.glob(pattern))
-
-
-def load_base(cfg: DictConfig) -> tuple[Any, Any, Placeholder, Path]:
-    """(frozen base in hardware.base_dtype, its tokenizer, the slot placeholder, base directory).
-
-    The published base as it is: nothing is added to the tokenizer and the embeddings are never resized (a new
-    row would also be a new random row of a tied output head). The memory slots are marked by the placeholder
-    of ``prompts.choose_placeholder`` (a spare special token of the tokenizer, or a mark outside the vocabulary).
-    """
-    base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(base_dir)
-    base = load_causal_lm(base_dir, cfg.hardware.get("base_dtype", "float32"))
-    base.requires_grad_(False)
-    base.eval()
-    return base, tokenizer, choose_placeholder(tokenizer), base_dir
 
 
 def check_val_source(node: DictConfig) -> str:
@@ -356,5 +336,5 @@ def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
                          option="eval.adapter")
 
 
-__all__ = ["adapter_bytes", "base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
+__all__ = ["adapter_bytes", "check_val_source", "gag_adapter_dir", "memory_bank_dir", "memory_root", "run_gag",
            "weights_bytes"]

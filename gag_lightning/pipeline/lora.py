@@ -124,7 +124,7 @@ def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
 
 def check_lora_base(folder: Path, base_dir: Path) -> None:
     """Refuse a LoRA trained on another base (when its manifest says which one)."""
-    from gag_lightning.pipeline.gag import base_identity
+    from gag_lightning.models.base import base_identity
 
     manifest = read_manifest(folder) or {}
     have, want = manifest.get("inputs", {}).get("base_model"), base_identity(base_dir)
@@ -158,7 +158,8 @@ def run_lora(cfg: DictConfig) -> dict[str, Any]:
     from peft import get_peft_model
 
     from gag_lightning.data.lora import LoRADataModule
-    from gag_lightning.pipeline.gag import base_identity, weights_bytes
+    from gag_lightning.models.base import base_identity
+    from gag_lightning.pipeline.gag import weights_bytes
     from gag_lightning.prompts import GENERAL_REQUEST_TEXT
     from gag_lightning.stages.lora import LoRAModule
 

@@ -31,7 +31,7 @@ from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summariz
 from gag_lightning.eval.report import markdown_report
 from gag_lightning.memory.background import BackgroundConfig, background_prompt_ids
 from gag_lightning.memory.extract import CompressionConfig, extract_memories
-from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
+from gag_lightning.models.adapter_io import adapter_placeholder, load_adapter, selection_note
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.prompts import GENERAL_INSTRUCTION, GENERAL_REQUEST_TEXT, stop_token_ids
 
@@ -72,13 +72,13 @@ def _domain_artifacts(cfg: DictConfig, route: str) -> tuple[Path, Path, str]:
 
 
 def decoding_config(cfg: DictConfig) -> DecodingConfig:
-    from gag_lightning.pipeline.evaluate import decoding_config as eval_decoding
+    from gag_lightning.eval.settings import decoding_config as eval_decoding
 
     return eval_decoding(cfg)
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    from gag_lightning.pipeline.evaluate import eval_device
+    from gag_lightning.eval.settings import eval_device
 
     return eval_device(cfg)
 
@@ -111,7 +111,7 @@ def build_memories(path: DomainPath, questions: Sequence[str], cfg: DictConfig,
 def answer_routed(cfg: DictConfig, questions: list[str], routes: list[str], records: Sequence[Any] | None = None,
                   out_dir: str | Path | None = None) -> list[str]:
     """Answer each question on its route; with `records` (the mixed test set) also score and write reports."""
-    from gag_lightning.pipeline.gag import load_base
+    from gag_lightning.models.base import load_base
 
     if len(questions) != len(routes):
         raise GAGError(f"{len(questions)} questions but {len(routes)} routes")
@@ -187,7 +187,7 @@ def score_routed(cfg: DictConfig, records: Sequence[Any], routes: Sequence[str],
     """Per-dataset metrics: fact_acc (records with gold aliases) and token F1 for every set, has-answer EM for
     general sets, BERTScore F1 and STS for specialist sets. ``notes`` (an adapter selected on the test split)
     head report.md and sit in metrics.json."""
-    from gag_lightning.pipeline.evaluate import build_scorers
+    from gag_lightning.eval.settings import build_scorers
 
     general_sets = set(OmegaConf.to_container(cfg.router.domains.general.dataset_names, resolve=True))
     specialist = [i for i, r in enumerate(records) if r.dataset_name not in general_sets]
