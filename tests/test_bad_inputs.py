@@ -62,8 +62,8 @@ def test_duplicate_ids_name_both_lines(tmp_path):
 
 # ------------------------------------------------------------------------------------------ knowledge base, router pool
 def test_knowledge_base_smaller_than_a_block_is_refused(tmp_path, tiny_expert_dir):
-    from gag_lightning.data.corpus import KnowledgeBaseDataModule
     from gag_lightning.models.loading import load_tokenizer
+    from gag_lightning.stages.expert.corpus import KnowledgeBaseDataModule
 
     kb = _write(tmp_path, '{"text": "three word corpus"}\n', "kb.jsonl")
     dm = KnowledgeBaseDataModule(str(kb), load_tokenizer(tiny_expert_dir), block_size=128, val_fraction=0.03)
@@ -190,8 +190,8 @@ def _mode(path: Path) -> int:
 def test_saved_weights_get_the_umask_permissions(tmp_path, tiny_expert_dir, mask):
     from gag_lightning.models.adapter import ADAPTER_WEIGHTS
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-    from gag_lightning.pipeline.expert import export_expert
     from gag_lightning.routing.prototypes import TENSORS_FILE, PrototypeBank
+    from gag_lightning.stages.expert.runner import export_expert
 
     want = 0o666 & ~mask
     with _umask(mask):

@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 
-from gag_lightning.data.gag import GAGCollator, GAGDataModule, check_bank_against_adapter
 from gag_lightning.errors import SchemaMismatchError
 from gag_lightning.eval import harness as harness_mod
 from gag_lightning.eval import report as report_mod
@@ -31,7 +30,8 @@ from gag_lightning.models.adapter import (
 from gag_lightning.models.adapter_io import load_adapter, save_adapter
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.prompts import choose_placeholder, decode_prompt
-from gag_lightning.stages.gag import GAGModule
+from gag_lightning.stages.gag.datamodule import GAGCollator, GAGDataModule, check_bank_against_adapter
+from gag_lightning.stages.gag.module import GAGModule
 
 LAYER_KEYS = ["last", "minus2", "minus4", "minus6"]
 K, S, H_E, H_SEM = 4, 4, 64, 32
@@ -305,7 +305,7 @@ def test_training_keeps_base_bit_identical_clamps_mix_and_roundtrips(bank_dir, t
 
 
 def test_resuming_from_a_saved_adapter_keeps_the_learned_mix(base, tmp_path):
-    from gag_lightning.pipeline.gag import _resume_adapter
+    from gag_lightning.stages.gag.runner import _resume_adapter
 
     adapter = make_adapter(base)
     with torch.no_grad():
@@ -482,7 +482,7 @@ def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer
 
 def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     """run_gag then run_eval through Hydra on a synthetic memory artifact (tiny base and encoders)."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     mem = tmp_path / "memory"
     make_bank(mem / "train", n=6)
@@ -518,7 +518,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
 
 def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(compose_cfg, tmp_path):
     """QA jsonl with `answers` -> memory stage (tiny expert) -> bank metas -> eval rows and metrics.json."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     def write(path: Path, rows: list[dict]) -> Path:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -21,6 +21,7 @@ import torch
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
+from gag_lightning.keys import memory_splits
 from gag_lightning.memory.background import (
     BackgroundConfig,
     background_prompt_ids,
@@ -37,7 +38,6 @@ from gag_lightning.memory.extract import (
     teacher_forced_states,
 )
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-from gag_lightning.pipeline.keys import memory_splits
 from gag_lightning.prompts import stop_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -403,7 +403,7 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
 
 def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None:
     from gag_lightning.errors import GAGError
-    from gag_lightning.pipeline.keys import artifact_dir
+    from gag_lightning.keys import artifact_dir
     from gag_lightning.pipeline.memory import split_limits
 
     full = compose_cfg(["experiment=smoke"])
@@ -432,7 +432,7 @@ def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None
 
 def test_memory_splits_follow_the_domain_eval_splits(compose_cfg) -> None:
     """memory.splits: null builds gag's train split + the domain's eval splits, for the runner and the keys alike."""
-    from gag_lightning.pipeline.keys import stage_key
+    from gag_lightning.keys import stage_key
 
     demo = compose_cfg([])
     assert list(demo.domain.eval_splits) == ["test_seen_fact", "test_kb_only"] and demo.memory.splits is None

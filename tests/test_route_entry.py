@@ -140,7 +140,7 @@ def test_adding_a_domain_only_moves_routes_into_it(compose_cfg, smoke_run, tmp_p
 @pytest.fixture(scope="module")
 def smoke_pipeline(smoke_run) -> dict:
     """The tiny pipeline (dapt -> eval) into the same artifacts, so routed answering has a domain path."""
-    from gag_lightning.pipeline import run as run_pipeline
+    from gag_lightning.stages import run as run_pipeline
     from tests.conftest import compose
 
     cfg = compose(["experiment=smoke", "print_config=false", f"paths.artifacts={smoke_run['artifacts']}",

@@ -51,9 +51,9 @@ class DomainPath:
 
 def _domain_artifacts(cfg: DictConfig, route: str) -> tuple[Path, Path, str]:
     """(expert dir, adapter dir, instruction) of a route: the current domain's artifacts or explicit paths."""
-    from gag_lightning.pipeline.gag import gag_adapter_dir
-    from gag_lightning.pipeline.keys import upstream_folder
+    from gag_lightning.fingerprints import upstream_folder
     from gag_lightning.pipeline.memory import memory_expert_path
+    from gag_lightning.stages.gag.runner import gag_adapter_dir
 
     if route == str(cfg.domain.name):
         return memory_expert_path(cfg), gag_adapter_dir(cfg, cfg.eval.get("adapter")), str(cfg.domain.instruction)

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gag_lightning.data.distill import teacher_batch, with_teacher
 from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
@@ -45,6 +44,7 @@ from gag_lightning.prompts import (
     render_completion,
     stop_token_ids,
 )
+from gag_lightning.stages.gag.distill import teacher_batch, with_teacher
 
 log = logging.getLogger(__name__)
 

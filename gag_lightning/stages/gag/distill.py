@@ -17,7 +17,7 @@ from torch import Tensor
 from gag_lightning.errors import GAGError
 
 if TYPE_CHECKING:
-    from gag_lightning.data.gag import GAGExample
+    from gag_lightning.stages.gag.datamodule import GAGExample
 
 
 def with_teacher(example: GAGExample, teacher: GAGExample | None, record: str) -> GAGExample:

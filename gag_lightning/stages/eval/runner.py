@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from gag_lightning.artifacts import atomic_write_text, read_manifest, unfinished_inputs, write_manifest
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.eval.settings import build_scorers, decoding_config
+from gag_lightning.keys import artifact_dir, container, eval_splits, stage_key
 from gag_lightning.memory.bank import MemoryBank
-from gag_lightning.pipeline.keys import artifact_dir, container, eval_splits, stage_key
-from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers, trainer_kwargs
+from gag_lightning.stages._common.trainer import finish_loggers, global_rank, make_loggers, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     splits' reports in turn) and `<artifact>/metrics.json` ({split: {systems, settings}}); logs and returns the
     flat metrics `eval/<split>/<system>/<metric>`.
     """
-    from gag_lightning.data.gag import check_bank_against_adapter
     from gag_lightning.eval.harness import SYSTEMS, EvalHarness, items_from_metas
     from gag_lightning.eval.report import flat_metrics, print_report, write_outputs, write_split_outputs
     from gag_lightning.models.adapter_io import adapter_placeholder, load_adapter, selection_note
     from gag_lightning.models.base import base_identity, load_base
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-    from gag_lightning.pipeline.gag import gag_adapter_dir, memory_bank_dir
+    from gag_lightning.stages.gag.datamodule import check_bank_against_adapter
+    from gag_lightning.stages.gag.runner import gag_adapter_dir, memory_bank_dir
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
@@ -96,7 +96,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     adapter_dir = gag_adapter_dir(cfg, node.get("adapter")) if needs_gag else None
     lora_dir = None
     if "lora" in systems:
-        from gag_lightning.pipeline.lora import check_lora_base, load_lora, lora_adapter_dir, lora_bytes
+        from gag_lightning.stages.lora.runner import check_lora_base, load_lora, lora_adapter_dir, lora_bytes
 
         lora_dir = lora_adapter_dir(cfg, node.get("lora_adapter"))
     if out_dir.exists() and global_rank() == 0:
@@ -130,7 +130,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         lora = load_lora(base, lora_dir)
     expert = expert_tok = None
     if "expert" in systems:
-        from gag_lightning.pipeline.expert import sft_expert_path
+        from gag_lightning.stages.expert.runner import sft_expert_path
 
         expert_dir = sft_expert_path(cfg)
         expert_tok = load_tokenizer(expert_dir)

@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from gag_lightning.artifacts import MANIFEST, apply_umask, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
+from gag_lightning.keys import artifact_dir, container, file_digest, memory_splits, stage_key
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
-from gag_lightning.pipeline.trainer import (
+from gag_lightning.stages._common.trainer import (
     build_trainer,
     finish_loggers,
     global_rank,
@@ -54,7 +54,7 @@ def record_selection(cfg: DictConfig) -> dict[str, Any]:
 
 def train_records(cfg: DictConfig) -> list[QARecord]:
     """The records Stage III trains its adapter on (the memory bank keeps the file's first N, in order)."""
-    from gag_lightning.data.gag import split_positions
+    from gag_lightning.stages.gag.datamodule import split_positions
 
     sel = record_selection(cfg)
     records = read_qa(str(cfg.domain.get(sel["split"])))[: sel["max_records"]]
@@ -113,7 +113,7 @@ def load_lora(base: Any, folder: str | Path) -> Any:
 
 def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     """This config's finished LoRA artifact, or an explicitly given LoRA folder."""
-    from gag_lightning.pipeline.gag import _upstream_dir
+    from gag_lightning.stages.gag.runner import _upstream_dir
 
     folder = _upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
                            "lora from eval.systems", option="eval.lora_adapter", external_ok=True)
@@ -157,11 +157,11 @@ def _final_lora(trainer: Any, model: Any, checkpoint: Any, base_dir: Path, node:
 def run_lora(cfg: DictConfig) -> dict[str, Any]:
     from peft import get_peft_model
 
-    from gag_lightning.data.lora import LoRADataModule
     from gag_lightning.models.base import base_identity
-    from gag_lightning.pipeline.gag import weights_bytes
     from gag_lightning.prompts import GENERAL_REQUEST_TEXT
-    from gag_lightning.stages.lora import LoRAModule
+    from gag_lightning.stages.gag.runner import weights_bytes
+    from gag_lightning.stages.lora.datamodule import LoRADataModule
+    from gag_lightning.stages.lora.module import LoRAModule
 
     node = cfg.lora
     out_dir = artifact_dir(cfg, "lora")

@@ -35,8 +35,8 @@ from gag_lightning.models.losses import (
     masked_mean,
     semantic_loss,
 )
-from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
-from gag_lightning.stages.clipping import ShardAwareClipping
+from gag_lightning.stages._common.clipping import ShardAwareClipping
+from gag_lightning.stages.expert.module import adamw_with_warmup, require_fp32
 
 log = logging.getLogger(__name__)
 
