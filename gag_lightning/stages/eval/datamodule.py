@@ -50,6 +50,9 @@ class EvalDataModule(L.LightningDataModule):
         super().__init__()
         self.plan = list(plan)
 
+    def transfer_batch_to_device(self, batch: EvalBatch, device: Any, dataloader_idx: int) -> EvalBatch:
+        return batch  # a plan entry (record indices): the harness moves what it decodes
+
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.plan, batch_size=1, shuffle=False, num_workers=0, collate_fn=_only)
 

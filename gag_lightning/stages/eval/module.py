@@ -40,9 +40,6 @@ class EvalModule(L.LightningModule):
         self.harnesses = dict(harnesses)
         self.items = {split: list(its) for split, its in items.items()}
 
-    def transfer_batch_to_device(self, batch: EvalBatch, device: torch.device, dataloader_idx: int) -> EvalBatch:
-        return batch  # a plan entry (record indices); the harness moves what it decodes
-
     def predict_step(self, batch: EvalBatch, batch_idx: int) -> list[EvalPrediction]:
         gens = self.harnesses[batch.split].generate(batch.system, self.items[batch.split], batch.rows)
         return [EvalPrediction(batch.index, batch.split, batch.system, row, gen, self.global_rank)
