@@ -349,7 +349,7 @@ def _stage_key(cfg: DictConfig, stage: str, memo: dict[str, Any]) -> dict[str, A
     return key
 
 
-# stages whose Trainer takes a debug preset's `debug.trainer` flags (pipeline.trainer.build_trainer)
+# stages whose Trainer takes a debug preset's `debug.trainer` flags (stages._common.trainer.build_trainer)
 TRAINED = ("dapt", "sft", "gag", "lora")
 
 

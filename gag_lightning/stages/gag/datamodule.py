@@ -14,7 +14,7 @@ with the loss on the answer and its end-of-turn token only, plus the record's me
 (optionally) its precomputed semantic target. Memories stay in the bank's storage dtype (fp16) in RAM and
 are upcast per batch: the reference kept every raw per-token hidden state in RAM (METHOD.md section 8).
 With KL self-distillation on (METHOD.md section 5b) each example also carries its teacher sequence: the
-expert_context prompt (background as text on the Knowledge line) and the same answer tokens (data/distill.py).
+expert_context prompt (background as text on the Knowledge line) and the same answer tokens (stages/gag/distill.py).
 """
 
 from __future__ import annotations
