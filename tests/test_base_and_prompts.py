@@ -163,11 +163,12 @@ def test_same_record_same_prompt_ids_in_training_eval_and_routing(tmp_path, toke
 # ------------------------------------------------------------------------------------------ the base is untouched
 @pytest.mark.parametrize("spare", [False, True], ids=["mark", "spare_token"])
 def test_gag_training_and_eval_leave_every_base_tensor_as_published(compose_cfg, tmp_path, monkeypatch, spare):
+    from gag_lightning.models import base as base_mod
     from gag_lightning.stages import run
     from gag_lightning.stages.gag import runner as gag_pipeline
 
     loaded: list[dict] = []
-    real_load_base = gag_pipeline.load_base
+    real_load_base = base_mod.load_base
 
     def recording_load_base(cfg):
         base, tok, placeholder, base_dir = real_load_base(cfg)
@@ -175,7 +176,8 @@ def test_gag_training_and_eval_leave_every_base_tensor_as_published(compose_cfg,
                        "before": tensor_digests(base)})
         return base, tok, placeholder, base_dir
 
-    monkeypatch.setattr(gag_pipeline, "load_base", recording_load_base)
+    monkeypatch.setattr(gag_pipeline, "load_base", recording_load_base)  # imported by name when the runner loads
+    monkeypatch.setattr(base_mod, "load_base", recording_load_base)  # the eval runner imports it when it runs
     mem = tmp_path / "memory"
     make_bank(mem / "train", n=4)
     make_bank(mem / "test", n=2, seed=1)
