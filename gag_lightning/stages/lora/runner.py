@@ -9,6 +9,7 @@ optimizer steps, batch size and accumulation, and the answer-only loss. The arti
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import MANIFEST, apply_umask, read_manifest, write_manifest
+from gag_lightning.artifacts import MANIFEST, apply_umask, atomic_write_text, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
 from gag_lightning.keys import artifact_dir, container, file_digest, memory_splits, stage_key
@@ -77,6 +78,11 @@ def save_lora(model: Any, folder: Path) -> None:
     """Only the LoRA tensors and their config; embeddings are never saved (``save_embedding_layers=False``:
     peft's "auto" would save them whenever the vocabulary differs from the base's config)."""
     model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    config_path = folder / LORA_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):  # peft keeps a set: its order varied from run to run
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     apply_umask(folder)  # safetensors writes its file 0600
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the artifact
 
