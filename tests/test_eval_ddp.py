@@ -72,5 +72,5 @@ def test_eval_under_ddp_gives_one_process_predictions_and_metrics_each_rank_deco
         assert metrics["two"]["systems"] == metrics["one"]["systems"]
         assert metrics["one"]["settings"]["decoded_per_rank"] == {"0": 392}
         shares = metrics["two"]["settings"]["decoded_per_rank"]
-        assert set(shares) == {"0", "1"} and sum(shares.values()) == 392
-        assert abs(shares["0"] - shares["1"]) <= 0.1 * 392, shares  # each rank decoded about half
+        # 98 planned batches of 4 (7 systems x (8 + 6)) dealt round-robin: each rank decoded half of the 392 answers
+        assert shares == {"0": 196, "1": 196}, shares
