@@ -32,8 +32,8 @@ def _main(cfg: DictConfig) -> float | None:
     if cfg.get("print_config", True):
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     L.seed_everything(cfg.seed, workers=True)
-    from gag_lightning.pipeline import run
     from gag_lightning.results import write_run_results
+    from gag_lightning.stages import run
 
     results = run(cfg)
     write_run_results(cfg, results)  # <output_dir>/results.json, read by `python -m gag_lightning.summarize`

@@ -107,7 +107,7 @@ def run_here(args: list[str], artifacts: Path, run_dir: Path) -> str:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     os.environ.setdefault("PROJECT_ROOT", str(REPO))
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):

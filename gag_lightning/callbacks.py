@@ -2,7 +2,7 @@
 
 Every training stage (dapt, sft, gag, lora) checkpoints with ``StageCheckpoint``, a ``ModelCheckpoint`` writing
 ``best.ckpt`` (by the monitored validation metric) and ``last.ckpt`` into a stable folder next to the stage's
-artifact (``pipeline.trainer.checkpoint_dir``); a rerun of the same configuration resumes from ``last.ckpt``.
+artifact (``stages._common.trainer.checkpoint_dir``); a rerun of the same configuration resumes from ``last.ckpt``.
 The Lightning checkpoints are the trainer's own resume state (``torch.save`` files); the hand-off artifact stays a
 safetensors export made from the best checkpoint after ``fit``.
 """

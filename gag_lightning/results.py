@@ -54,7 +54,7 @@ def _jsonable(value: Any) -> Any:
 def write_run_results(cfg: DictConfig, results: Mapping[str, Mapping[str, Any]],
                       path: str | Path | None = None) -> Path | None:
     """Write ``<paths.output_dir>/results.json`` (atomically; the last thing a successful run does; rank 0 only)."""
-    from gag_lightning.pipeline.trainer import global_rank
+    from gag_lightning.stages._common.trainer import global_rank
 
     if global_rank() != 0:
         return None

@@ -19,11 +19,9 @@ from gag_lightning.models.adapter import (
     LayerMixer,
     Projector,
     SemanticHead,
-    adapter_placeholder,
     inject,
-    load_adapter,
-    save_adapter,
 )
+from gag_lightning.models.adapter_io import adapter_placeholder, load_adapter, save_adapter
 from gag_lightning.models.losses import (
     answer_nll,
     diversity_loss,

@@ -62,8 +62,8 @@ def test_duplicate_ids_name_both_lines(tmp_path):
 
 # ------------------------------------------------------------------------------------------ knowledge base, router pool
 def test_knowledge_base_smaller_than_a_block_is_refused(tmp_path, tiny_expert_dir):
-    from gag_lightning.data.corpus import KnowledgeBaseDataModule
     from gag_lightning.models.loading import load_tokenizer
+    from gag_lightning.stages.expert.corpus import KnowledgeBaseDataModule
 
     kb = _write(tmp_path, '{"text": "three word corpus"}\n', "kb.jsonl")
     dm = KnowledgeBaseDataModule(str(kb), load_tokenizer(tiny_expert_dir), block_size=128, val_fraction=0.03)
@@ -129,14 +129,16 @@ def test_routed_answer_names_the_test_file_line_of_a_long_query(compose_cfg, tmp
 
 # ------------------------------------------------------------------------------------------ damaged artifacts
 def _adapter(folder: Path) -> Path:
-    from gag_lightning.models.adapter import AdapterConfig, GAGAdapter, save_adapter
+    from gag_lightning.models.adapter import AdapterConfig, GAGAdapter
+    from gag_lightning.models.adapter_io import save_adapter
 
     config = AdapterConfig(expert_hidden=8, base_hidden=12, slots=2, layers=2, layer_keys=["last", "minus2"])
     return save_adapter(GAGAdapter(config), folder)
 
 
 def test_adapter_config_that_does_not_fit_its_weights_names_folder_and_dimension(tmp_path):
-    from gag_lightning.models.adapter import ADAPTER_CONFIG, load_adapter
+    from gag_lightning.models.adapter import ADAPTER_CONFIG
+    from gag_lightning.models.adapter_io import load_adapter
 
     folder = _adapter(tmp_path / "adapter")
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -150,7 +152,8 @@ def test_adapter_config_that_does_not_fit_its_weights_names_folder_and_dimension
 
 
 def test_truncated_adapter_weights_name_the_file(tmp_path):
-    from gag_lightning.models.adapter import ADAPTER_WEIGHTS, load_adapter
+    from gag_lightning.models.adapter import ADAPTER_WEIGHTS
+    from gag_lightning.models.adapter_io import load_adapter
 
     folder = _adapter(tmp_path / "adapter")
     weights = folder / ADAPTER_WEIGHTS
@@ -187,8 +190,8 @@ def _mode(path: Path) -> int:
 def test_saved_weights_get_the_umask_permissions(tmp_path, tiny_expert_dir, mask):
     from gag_lightning.models.adapter import ADAPTER_WEIGHTS
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-    from gag_lightning.pipeline.expert import export_expert
     from gag_lightning.routing.prototypes import TENSORS_FILE, PrototypeBank
+    from gag_lightning.stages.expert.runner import export_expert
 
     want = 0o666 & ~mask
     with _umask(mask):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gag_lightning.data.gag import GAGCollator, GAGDataModule
 from gag_lightning.errors import GAGError
 from gag_lightning.eval.generation import DecodingConfig, Generation, generate_batched
 from gag_lightning.eval.harness import EvalHarness, items_from_metas
@@ -35,6 +34,7 @@ from gag_lightning.prompts import (
     record_instruction,
     stop_token_ids,
 )
+from gag_lightning.stages.gag.datamodule import GAGCollator, GAGDataModule
 from tests.conftest import ROOT, compose
 from tests.test_gag_stage import H_E, LAYER_KEYS, RECORDS, K, S, make_bank
 
@@ -93,10 +93,10 @@ def test_one_instruction_rule_and_stripping_for_every_use():
 
 def test_same_record_same_prompt_ids_in_training_eval_and_routing(tmp_path, tokenizer, base, gag_id, monkeypatch,
                                                                  compose_cfg):
-    from gag_lightning.data.lora import encode_plain
-    from gag_lightning.data.qa import encode_sft
     from gag_lightning.data.records import QARecord
     from gag_lightning.eval import harness as harness_mod
+    from gag_lightning.stages.expert.qa import encode_sft
+    from gag_lightning.stages.lora.datamodule import encode_plain
 
     # records: one with its own instruction (it wins everywhere), one without, one with a padded question
     folder = tmp_path / "bank"
@@ -174,11 +174,12 @@ def test_same_record_same_prompt_ids_in_training_eval_and_routing(tmp_path, toke
 # ------------------------------------------------------------------------------------------ the base is untouched
 @pytest.mark.parametrize("spare", [False, True], ids=["mark", "spare_token"])
 def test_gag_training_and_eval_leave_every_base_tensor_as_published(compose_cfg, tmp_path, monkeypatch, spare):
-    from gag_lightning.pipeline import gag as gag_pipeline
-    from gag_lightning.pipeline import run
+    from gag_lightning.models import base as base_mod
+    from gag_lightning.stages import run
+    from gag_lightning.stages.gag import runner as gag_pipeline
 
     loaded: list[dict] = []
-    real_load_base = gag_pipeline.load_base
+    real_load_base = base_mod.load_base
 
     def recording_load_base(cfg):
         base, tok, placeholder, base_dir = real_load_base(cfg)
@@ -186,7 +187,8 @@ def test_gag_training_and_eval_leave_every_base_tensor_as_published(compose_cfg,
                        "before": tensor_digests(base)})
         return base, tok, placeholder, base_dir
 
-    monkeypatch.setattr(gag_pipeline, "load_base", recording_load_base)
+    monkeypatch.setattr(gag_pipeline, "load_base", recording_load_base)  # imported by name when the runner loads
+    monkeypatch.setattr(base_mod, "load_base", recording_load_base)  # the eval runner imports it when it runs
     mem = tmp_path / "memory"
     make_bank(mem / "train", n=4)
     make_bank(mem / "test", n=2, seed=1)
@@ -242,8 +244,8 @@ def test_a_placeholder_token_is_never_generated_even_when_the_base_prefers_it():
 
 # ------------------------------------------------------------------------------------------ test-split selection
 def test_selecting_the_adapter_on_test_is_refused_unless_allowed_and_then_stamped(compose_cfg, tmp_path):
-    from gag_lightning.pipeline import run
-    from gag_lightning.pipeline.gag import run_gag
+    from gag_lightning.stages import run
+    from gag_lightning.stages.gag.runner import run_gag
 
     mem = tmp_path / "memory"
     make_bank(mem / "train", n=4)
@@ -275,7 +277,7 @@ def test_routed_reports_carry_the_test_selection_note(tmp_path):
     from omegaconf import OmegaConf
 
     from gag_lightning.data.records import MixedRecord
-    from gag_lightning.models.adapter import selection_note
+    from gag_lightning.models.adapter_io import selection_note
     from gag_lightning.routing.answer import score_routed
 
     config = AdapterConfig(expert_hidden=H_E, base_hidden=96, slots=S, layers=K, layer_keys=LAYER_KEYS)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gag_lightning.stages.clipping import ShardAwareClipping
+from gag_lightning.stages._common.clipping import ShardAwareClipping
 
 
 class _Module(ShardAwareClipping):

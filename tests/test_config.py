@@ -79,7 +79,7 @@ def test_train_py_prints_composed_config():
 def test_artifact_folders_follow_data_content_not_location(compose_cfg, tmp_path):
     import shutil
 
-    from gag_lightning.pipeline.keys import artifact_dir
+    from gag_lightning.keys import artifact_dir
 
     src = ROOT / "data" / "demo"
     copies = []

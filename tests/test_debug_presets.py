@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gag_lightning.artifacts import read_manifest
-from gag_lightning.pipeline.keys import STAGES, artifact_dir, stage_hashes
+from gag_lightning.keys import STAGES, artifact_dir, stage_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -52,7 +52,7 @@ def test_presets_compose_with_their_own_artifact_folder(tmp_path):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_reaches_every_training_trainer_and_key(compose_cfg, preset):
-    from gag_lightning.pipeline.trainer import build_trainer
+    from gag_lightning.stages._common.trainer import build_trainer
 
     plain = stage_hashes(compose_cfg(["experiment=smoke"]))
     default = stage_hashes(compose_cfg(["experiment=smoke", "debug=default"]))
@@ -73,7 +73,7 @@ def test_preset_reaches_every_training_trainer_and_key(compose_cfg, preset):
 
 def test_fast_dev_run_runs_every_stage(compose_cfg):
     """The whole smoke pipeline under fast_dev_run: one batch per training stage, exported without checkpoints."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     cfg = compose_cfg(["experiment=smoke", "debug=fast_dev_run"])
     results = run(cfg)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gag_lightning.pipeline.keys import artifact_dir, eval_splits, memory_splits
+from gag_lightning.keys import artifact_dir, eval_splits, memory_splits
 
 DEMO_SPLITS = ["test_seen_fact", "test_kb_only"]
 
@@ -29,7 +29,7 @@ def test_eval_splits_come_from_the_domain_and_a_legacy_split_still_works(compose
 def test_smoke_evaluates_both_demo_splits_separately(compose_cfg, capsys) -> None:
     """experiment=smoke on the demo: memory banks for train + both eval splits, then one eval artifact holding
     each split's predictions, metrics and report, a top-level report and metrics, and split-keyed flat metrics."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     systems = ["base", "rag", "gag", "gag_shuffled", "lora"]
     sizes = {"train": 24, "test_seen_fact": 6, "test_kb_only": 5}

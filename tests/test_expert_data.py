@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gag_lightning.data.corpus import collate_blocks, pack_tokens, tokenize_corpus
-from gag_lightning.data.qa import collate_sft, encode_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.models.loading import load_tokenizer
+from gag_lightning.stages.expert.corpus import collate_blocks, pack_tokens, tokenize_corpus
+from gag_lightning.stages.expert.qa import collate_sft, encode_sft
 
 
 def test_packing_keeps_every_token_once():

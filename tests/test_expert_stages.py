@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gag_lightning.errors import MissingArtifactError
+from gag_lightning.keys import artifact_dir
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-from gag_lightning.pipeline import run
-from gag_lightning.pipeline.keys import artifact_dir
+from gag_lightning.stages import run
 
 
 def test_dapt_then_sft_end_to_end(compose_cfg):

@@ -14,23 +14,24 @@ import lightning as L
 import pytest
 import torch
 
-from gag_lightning.data.gag import GAGCollator, GAGDataModule, check_bank_against_adapter
 from gag_lightning.errors import SchemaMismatchError
 from gag_lightning.eval import harness as harness_mod
+from gag_lightning.eval import report as report_mod
 from gag_lightning.eval.generation import DecodingConfig, Generation
-from gag_lightning.eval.harness import EvalHarness, EvalItem, derangement, items_from_metas, write_outputs
+from gag_lightning.eval.harness import EvalHarness, EvalItem, derangement, items_from_metas
+from gag_lightning.eval.report import write_outputs
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
 from gag_lightning.models.adapter import (
     GAG_TOKEN,
     AdapterConfig,
     GAGAdapter,
     InjectionError,
-    load_adapter,
-    save_adapter,
 )
+from gag_lightning.models.adapter_io import load_adapter, save_adapter
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 from gag_lightning.prompts import choose_placeholder, decode_prompt
-from gag_lightning.stages.gag import GAGModule
+from gag_lightning.stages.gag.datamodule import GAGCollator, GAGDataModule, check_bank_against_adapter
+from gag_lightning.stages.gag.module import GAGModule
 
 LAYER_KEYS = ["last", "minus2", "minus4", "minus6"]
 K, S, H_E, H_SEM = 4, 4, 64, 32
@@ -304,7 +305,7 @@ def test_training_keeps_base_bit_identical_clamps_mix_and_roundtrips(bank_dir, t
 
 
 def test_resuming_from_a_saved_adapter_keeps_the_learned_mix(base, tmp_path):
-    from gag_lightning.pipeline.gag import _resume_adapter
+    from gag_lightning.stages.gag.runner import _resume_adapter
 
     adapter = make_adapter(base)
     with torch.no_grad():
@@ -417,7 +418,7 @@ def test_harness_runs_all_systems_through_one_decoding_path(bank_dir, tokenizer,
     gag_line = next(line for line in report.splitlines() if line.startswith("| gag |"))
     assert gag_line.startswith("| gag | n/a | ") and f"| {100 * (n - 1) / n:.2f} |" in gag_line and f"1/{n}" in gag_line
     assert "GAG minus base: n/a" in report
-    assert not any(k.endswith("fact_acc") for k in harness_mod.flat_metrics(result.summary))
+    assert not any(k.endswith("fact_acc") for k in report_mod.flat_metrics(result.summary))
 
 
 class FormScorer:
@@ -457,7 +458,7 @@ def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer
     assert base_s["paired_vs_gag"] == pytest.approx(paired_bootstrap([1.0, 1.0, 1.0], [0.0, 0.0, 1.0]))
     assert base_s["bertscore_f1"] > gag["bertscore_f1"]  # the form score prefers the wrong fluent answers
 
-    flat = harness_mod.flat_metrics(result.summary)
+    flat = report_mod.flat_metrics(result.summary)
     base_keys = [k for k in flat if k.startswith("eval/base/")]
     assert base_keys[:4] == ["eval/base/fact_acc", "eval/base/fact_acc_lo", "eval/base/fact_acc_hi",
                              "eval/base/token_f1"]
@@ -466,7 +467,7 @@ def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer
 
     paths = write_outputs(tmp_path / "eval", result, "facts")
     report = paths["report"].read_text()
-    header, table = harness_mod.report_rows(result.summary)
+    header, table = report_mod.report_rows(result.summary)
     assert header[1] == "fact_acc x100 [95% CI]" and header[2] == "token F1 x100"
     lo, hi = (100 * x for x in base_s["fact_acc_ci"])
     assert table[0][:2] == ["base", f"33.3 [{lo:.1f}, {hi:.1f}]"] and table[1][:2] == ["gag", "100.0 [100.0, 100.0]"]
@@ -481,7 +482,7 @@ def test_fact_acc_leads_the_eval_outputs_with_ci_and_paired_difference(tokenizer
 
 def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
     """run_gag then run_eval through Hydra on a synthetic memory artifact (tiny base and encoders)."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     mem = tmp_path / "memory"
     make_bank(mem / "train", n=6)
@@ -517,7 +518,7 @@ def test_gag_and_eval_stages_end_to_end(compose_cfg, tmp_path):
 
 def test_gold_answers_flow_from_the_qa_file_through_the_memory_stage_to_metrics(compose_cfg, tmp_path):
     """QA jsonl with `answers` -> memory stage (tiny expert) -> bank metas -> eval rows and metrics.json."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     def write(path: Path, rows: list[dict]) -> Path:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from gag_lightning.errors import GAGError, NonFiniteError
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
-from gag_lightning.stages.clipping import ShardAwareClipping
-from gag_lightning.stages.guards import FiniteGuard
+from gag_lightning.stages._common.clipping import ShardAwareClipping
+from gag_lightning.stages._common.guards import FiniteGuard
 
 
 def _bank(folder: Path, layer_keys: list[str], slots: int, hidden: int, n: int = 4) -> Path:
@@ -46,7 +46,7 @@ def test_nan_in_a_loaded_bank_names_the_shard_and_the_record(tmp_path):
 
 
 def test_gag_stage_refuses_a_nan_bank_before_training(compose_cfg, tmp_path):
-    from gag_lightning.pipeline.gag import run_gag
+    from gag_lightning.stages.gag.runner import run_gag
 
     cfg = compose_cfg(["experiment=smoke", "stage=gag"])
     root = tmp_path / "memory-nan"
@@ -106,9 +106,9 @@ def test_nonfinite_gradient_stops_training_naming_the_step_and_parameter():
 
 
 def test_finite_training_runs_to_the_end_and_every_training_module_is_guarded():
-    from gag_lightning.stages.causal_lm import CausalLMModule
-    from gag_lightning.stages.gag import GAGModule
-    from gag_lightning.stages.lora import LoRAModule
+    from gag_lightning.stages.expert.module import CausalLMModule
+    from gag_lightning.stages.gag.module import GAGModule
+    from gag_lightning.stages.lora.module import LoRAModule
 
     assert _fit(_Toy()).global_step == 6
     assert all(issubclass(m, FiniteGuard) for m in (CausalLMModule, GAGModule, LoRAModule))

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from gag_lightning.artifacts import MANIFEST, UNFINISHED, config_hash, read_manifest, unfinished_inputs
 from gag_lightning.errors import UnfinishedArtifactError
-from gag_lightning.pipeline.keys import STAGES, artifact_dir, runtime_only, stage_hashes, stage_key
+from gag_lightning.keys import STAGES, artifact_dir, runtime_only, stage_hashes, stage_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def _half_bank(root: Path) -> Path:
 
 
 def test_partial_memory_bank_by_path_is_refused(compose_cfg, tmp_path):
-    from gag_lightning.pipeline.gag import run_gag
+    from gag_lightning.stages.gag.runner import run_gag
 
     half = _half_bank(tmp_path)
     cfg = compose_cfg(["experiment=smoke", f"gag.memory_dir={half}"])

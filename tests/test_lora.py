@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gag_lightning.data.lora import LoRADataModule, encode_plain
-from gag_lightning.data.qa import collate_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.eval.generation import DecodingConfig
 from gag_lightning.eval.harness import EvalHarness, EvalItem
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.prompts import GENERAL_REQUEST_TEXT
+from gag_lightning.stages.expert.qa import collate_sft
+from gag_lightning.stages.lora.datamodule import LoRADataModule, encode_plain
 from tests.conftest import ROOT, compose
 from tests.test_gag_stage import RECORDS, make_bank
 
@@ -85,9 +85,9 @@ def test_training_prompt_is_the_eval_prompt_of_base_and_lora(base_dir):
 def test_lora_trains_only_lora_keeps_base_bit_identical_and_roundtrips(smoke_cfg, base_dir, tmp_path):
     from peft import get_peft_model
 
-    from gag_lightning.pipeline.gag import weights_bytes
-    from gag_lightning.pipeline.lora import LORA_CONFIG, LORA_WEIGHTS, load_lora, lora_config, save_lora
-    from gag_lightning.stages.lora import LoRAModule, trainable_names
+    from gag_lightning.stages.gag.runner import weights_bytes
+    from gag_lightning.stages.lora.module import LoRAModule, trainable_names
+    from gag_lightning.stages.lora.runner import LORA_CONFIG, LORA_WEIGHTS, load_lora, lora_config, save_lora
 
     tok = load_tokenizer(base_dir)
     base = load_causal_lm(base_dir, "float32")
@@ -137,9 +137,9 @@ def test_lora_trains_only_lora_keeps_base_bit_identical_and_roundtrips(smoke_cfg
 
 # ------------------------------------------------------------------------------------------ records and keys
 def test_lora_trains_on_stage_three_records_and_keys_them(compose_cfg):
-    from gag_lightning.data.gag import split_positions
-    from gag_lightning.pipeline.keys import artifact_dir, stage_key
-    from gag_lightning.pipeline.lora import train_records
+    from gag_lightning.keys import artifact_dir, stage_key
+    from gag_lightning.stages.gag.datamodule import split_positions
+    from gag_lightning.stages.lora.runner import train_records
 
     demo = compose_cfg(["stage=lora"])  # the demo preset: all 112 train records get a memory
     records = train_records(demo)
@@ -164,7 +164,7 @@ def test_lora_trains_on_stage_three_records_and_keys_them(compose_cfg):
 
 def test_pipeline_skips_an_unused_lora_and_refuses_another_base(compose_cfg, base_dir, tmp_path):
     from gag_lightning.errors import SchemaMismatchError
-    from gag_lightning.pipeline.lora import check_lora_base, run_lora
+    from gag_lightning.stages.lora.runner import check_lora_base, run_lora
 
     cfg = compose_cfg(["experiment=smoke", "eval.systems=[base,gag]"])
     assert run_lora(cfg)["unused"] is True and not (tmp_path / "artifacts").exists()
@@ -178,7 +178,7 @@ def test_pipeline_skips_an_unused_lora_and_refuses_another_base(compose_cfg, bas
 # ------------------------------------------------------------------------------------------ end to end
 def test_lora_stage_and_eval_system_end_to_end(compose_cfg, tmp_path):
     """run_lora then run_eval (systems base + lora) on a synthetic test bank, through Hydra."""
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     mem = tmp_path / "memory"
     make_bank(mem / "test", n=4, seed=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import SchemaMismatchError
 from gag_lightning.eval.generation import DecodingConfig, generate_batched
+from gag_lightning.keys import memory_splits
 from gag_lightning.memory.background import (
     BackgroundConfig,
     background_prompt_ids,
@@ -37,7 +39,6 @@ from gag_lightning.memory.extract import (
     teacher_forced_states,
 )
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-from gag_lightning.pipeline.keys import memory_splits
 from gag_lightning.prompts import stop_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -403,7 +404,7 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
 
 def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None:
     from gag_lightning.errors import GAGError
-    from gag_lightning.pipeline.keys import artifact_dir
+    from gag_lightning.keys import artifact_dir
     from gag_lightning.pipeline.memory import split_limits
 
     full = compose_cfg(["experiment=smoke"])
@@ -432,7 +433,7 @@ def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None
 
 def test_memory_splits_follow_the_domain_eval_splits(compose_cfg) -> None:
     """memory.splits: null builds gag's train split + the domain's eval splits, for the runner and the keys alike."""
-    from gag_lightning.pipeline.keys import stage_key
+    from gag_lightning.keys import stage_key
 
     demo = compose_cfg([])
     assert list(demo.domain.eval_splits) == ["test_seen_fact", "test_kb_only"] and demo.memory.splits is None
@@ -451,15 +452,17 @@ def test_memory_splits_follow_the_domain_eval_splits(compose_cfg) -> None:
 
 def test_whole_pipeline_under_ddp_with_two_processes(tmp_path) -> None:
     """After a DDP fit every rank runs the rest of the pipeline: manifests must be in place before any rank moves
-    on (barriers), one rank removes the adapter's `last/` copy, and evaluation runs once, on rank 0."""
+    on (barriers), one rank removes the adapter's `last/` copy, and evaluation decodes on both ranks (a predict loop
+    over planned batches) and is scored and written once, on rank 0."""
     artifacts = tmp_path / "artifacts"
     proc = _train(["hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"paths.artifacts={artifacts}",
                    f"hydra.run.dir={tmp_path / 'run'}", "memory.max_records=16", "eval.systems=[base,gag]",
                    "sft.report_before_after=false"], timeout=420)
     out = proc.stdout + proc.stderr
-    assert "rank 1: evaluation runs on rank 0 only" in out
-    for split in ("test_seen_fact", "test_kb_only"):  # each eval split once, on rank 0
-        assert out.count(f"[eval] {split}/base: 16 records") == 1 and out.count(f"[eval] {split}/gag: 16 records") == 1
+    shares = re.findall(r"\[eval\] answers decoded per rank: \{0: (\d+), 1: (\d+)\}", out)
+    assert len(shares) == 2 and shares[0] == shares[1], shares  # both ranks gathered the same predictions
+    assert int(shares[0][0]) > 0 and int(shares[0][1]) > 0 and sum(map(int, shares[0])) == 2 * 16 * 2  # splits x systems
+    assert out.count("[eval] done: ") == 1  # scored and written once, by rank 0
     for stage in ("dapt", "sft", "memory", "gag", "eval"):
         assert (_only_folder(artifacts, stage) / "manifest.json").is_file(), stage
     assert (_only_folder(artifacts, "gag") / "adapter.safetensors").is_file()

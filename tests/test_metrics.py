@@ -15,15 +15,14 @@ import pytest
 import torch
 
 from gag_lightning.eval.metrics import (
-    ChunkedBERTScore,
     MeanScore,
-    STSScorer,
     _scan_tokens,
     eval_metric_collection,
     has_answer,
     normalize_tokens,
     summarize_scores,
 )
+from gag_lightning.eval.scorers import ChunkedBERTScore, STSScorer
 
 PARAPHRASE = ("The cat is sitting on the mat.", "A cat sat on the mat.")
 UNRELATED = "Stock markets fell sharply after the central bank raised interest rates."

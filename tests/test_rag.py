@@ -17,7 +17,8 @@ from gag_lightning.baselines.retrieval import (
     top_k,
 )
 from gag_lightning.eval.generation import DecodingConfig
-from gag_lightning.eval.harness import EvalHarness, EvalItem, markdown_report
+from gag_lightning.eval.harness import EvalHarness, EvalItem
+from gag_lightning.eval.report import markdown_report
 from gag_lightning.prompts import context_user_text
 from tests.conftest import ROOT, compose
 
@@ -193,7 +194,7 @@ def test_rag_prompt_is_the_context_prompt_with_the_joined_passages(base_and_toke
 
 # ------------------------------------------------------------------------------------------ config and stage
 def test_rag_settings_and_knowledge_base_key_the_eval_artifact(compose_cfg, tmp_path):
-    from gag_lightning.pipeline.keys import artifact_dir, stage_key
+    from gag_lightning.keys import artifact_dir, stage_key
 
     with_rag = ["experiment=smoke", "stage=eval", "eval.systems=[base,rag]"]
     key = stage_key(compose_cfg(with_rag), "eval")
@@ -212,7 +213,7 @@ def test_rag_settings_and_knowledge_base_key_the_eval_artifact(compose_cfg, tmp_
 
 
 def test_smoke_evaluates_rag_and_the_stage_runs_it_with_the_route_encoder(compose_cfg, tmp_path):
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
     from tests.test_gag_stage import make_bank
 
     assert "rag" in list(compose_cfg(["experiment=smoke"]).eval.systems)

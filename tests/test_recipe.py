@@ -15,11 +15,11 @@ import lightning as L
 import pytest
 import torch
 
-from gag_lightning.data.gag import GAGCollator, GAGDataModule
-from gag_lightning.data.recon import ReconDataModule
 from gag_lightning.models.adapter import GAG_TOKEN
 from gag_lightning.prompts import RECON_INSTRUCTION, context_user_text, decode_prompt, render_prompt
-from gag_lightning.stages.gag import GAGModule, fit_with_recon
+from gag_lightning.stages.gag.datamodule import GAGCollator, GAGDataModule
+from gag_lightning.stages.gag.module import GAGModule, fit_with_recon
+from gag_lightning.stages.gag.recon import ReconDataModule
 from tests.test_gag_stage import RECORDS, FixedTargets, make_adapter, make_bank
 
 S = 4
@@ -179,7 +179,7 @@ def test_recon_data_uses_the_given_rows_and_skips_empty_backgrounds(tmp_path, to
 
 # ------------------------------------------------------------------------------------------ keys and the runner
 def test_recipe_switches_enter_the_gag_key_only_when_on(compose_cfg):
-    from gag_lightning.pipeline.keys import artifact_dir, stage_key
+    from gag_lightning.keys import artifact_dir, stage_key
 
     default = compose_cfg(["experiment=smoke"])
     assert default.gag.loss_weights.kl == 0.0 and default.gag.recon_steps == 0 and default.gag.kl_temperature == 1.0
@@ -195,7 +195,7 @@ def test_recipe_switches_enter_the_gag_key_only_when_on(compose_cfg):
 
 
 def test_run_gag_with_both_switches_logs_and_records_them(compose_cfg, tmp_path):
-    from gag_lightning.pipeline import run
+    from gag_lightning.stages import run
 
     mem = tmp_path / "memory"
     make_bank(mem / "train", n=6)

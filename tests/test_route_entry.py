@@ -140,7 +140,7 @@ def test_adding_a_domain_only_moves_routes_into_it(compose_cfg, smoke_run, tmp_p
 @pytest.fixture(scope="module")
 def smoke_pipeline(smoke_run) -> dict:
     """The tiny pipeline (dapt -> eval) into the same artifacts, so routed answering has a domain path."""
-    from gag_lightning.pipeline import run as run_pipeline
+    from gag_lightning.stages import run as run_pipeline
     from tests.conftest import compose
 
     cfg = compose(["experiment=smoke", "print_config=false", f"paths.artifacts={smoke_run['artifacts']}",
@@ -162,8 +162,8 @@ def test_answer_mode_scores_per_dataset_and_general_matches_base(compose_cfg, sm
     from dataclasses import replace
 
     from gag_lightning.eval.generation import generate_batched
-    from gag_lightning.pipeline.evaluate import decoding_config
-    from gag_lightning.pipeline.gag import load_base
+    from gag_lightning.eval.settings import decoding_config
+    from gag_lightning.models.base import load_base
     from gag_lightning.prompts import (
         GENERAL_INSTRUCTION,
         GENERAL_REQUEST_TEXT,
@@ -245,7 +245,7 @@ def test_routed_answers_report_fact_acc_per_dataset(tmp_path, monkeypatch) -> No
     from omegaconf import OmegaConf
 
     from gag_lightning.data.records import MixedRecord
-    from gag_lightning.pipeline import evaluate
+    from gag_lightning.eval import settings as evaluate
     from gag_lightning.routing.answer import score_routed
     from gag_lightning.routing.run import answer_metrics
 

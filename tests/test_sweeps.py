@@ -214,7 +214,7 @@ def test_a_skipped_stage_still_logs_its_recorded_metrics(compose_cfg, tmp_path):
     """A sweep job whose artifacts exist keeps its place on the dashboards: one run per stage, from the manifest."""
     import csv
 
-    from gag_lightning.pipeline.trainer import log_reused_stage
+    from gag_lightning.stages._common.trainer import log_reused_stage
 
     cfg = compose_cfg(["experiment=smoke", "logger=[csv,wandb]"])
     log_reused_stage(cfg, "eval", {"artifact": "/x/eval-1", "skipped": True, "eval/gag/bertscore_f1": 0.61,

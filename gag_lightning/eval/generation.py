@@ -254,6 +254,16 @@ class _ContinuousBatcher:
         return out_tokens
 
 
+def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The fixed batches `generate_batched` decodes: prompt indices sorted by length (ties in input order), cut
+    every `batch_size`. A batch's predictions depend on its members (padding, the shared prefix), so a caller that
+    splits the work (the eval stage's predict loop, one planned batch per step on any rank) decodes exactly these
+    batches to get the same tokens as one call over all prompts."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    size = max(int(batch_size), 1)
+    return [order[start: start + size] for start in range(0, len(order), size)]
+
+
 def _default_embed(model: Any) -> EmbedFn:
     def embed(ids: torch.Tensor, mask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         return model.get_input_embeddings()(ids)
@@ -319,8 +329,7 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
             for row_idx, seq in engine.run().items():
                 results[row_idx] = _to_generation(seq, stop_set, tokenizer)
             return [r for r in results if r is not None]
-    for start in range(0, len(order), decoding.batch_size):
-        rows = order[start: start + decoding.batch_size]
+    for rows in plan_batches(prompts, decoding.batch_size):
         shared = shared_prefix_len([prompts[i] for i in rows]) if share_prefix and len(rows) > 1 else 0
         ids, mask = shared_prefix_batch([prompts[i] for i in rows], shared, pad_id)
         ids, mask = ids.to(device), mask.to(device)

@@ -61,7 +61,7 @@ class RoutedAnswer:
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    from gag_lightning.pipeline.evaluate import eval_device
+    from gag_lightning.eval.settings import eval_device
 
     return eval_device(cfg)
 
@@ -112,7 +112,7 @@ class DomainRoute:
     """A domain route, loaded: its expert (+ tokenizer, stop ids) and its adapter, for its profile."""
 
     def __init__(self, profile: RouteProfile, device: torch.device, base_tokenizer: Any) -> None:
-        from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
+        from gag_lightning.models.adapter_io import adapter_placeholder, load_adapter, selection_note
         from gag_lightning.models.loading import load_causal_lm, load_tokenizer
 
         if profile.is_general:
@@ -168,8 +168,8 @@ class RouteAnswerer:
 
     def __init__(self, cfg: DictConfig, profiles: Mapping[str, RouteProfile] | None = None,
                  device: torch.device | None = None) -> None:
-        from gag_lightning.pipeline.evaluate import decoding_config
-        from gag_lightning.pipeline.gag import base_identity, load_base
+        from gag_lightning.eval.settings import decoding_config
+        from gag_lightning.models.base import base_identity, load_base
 
         self.cfg = cfg
         self.device = device or _device(cfg)
@@ -297,7 +297,7 @@ class RouteAnswerer:
         server answers request batches this way; ``route.py`` answers each route's queries in a pass of their own
         through the eval harness (``answer_route``).
         """
-        from gag_lightning.stages.gag import injected_embeddings
+        from gag_lightning.models.adapter import injected_embeddings
 
         n = len(questions)
         if len(routes) != n:

@@ -204,12 +204,12 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
     # ---- the adapter (explicit, or this route's gag artifact) and what its artifacts record
     if entry.get("adapter"):
         # finished artifacts only (an unfinished one is refused unless allow_unfinished=true)
-        from gag_lightning.pipeline.keys import upstream_folder
+        from gag_lightning.fingerprints import upstream_folder
 
         adapter_dir = upstream_folder(cfg, f"router.domains.{key}.adapter", entry["adapter"])[0]
         sources["adapter"] = f"router.domains.{key}.adapter"
     elif rcfg is not None:
-        from gag_lightning.pipeline.gag import gag_adapter_dir
+        from gag_lightning.stages.gag.runner import gag_adapter_dir
 
         adapter_dir = gag_adapter_dir(rcfg)
         sources["adapter"] = f"{preset_label} artifacts"
@@ -292,7 +292,7 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
     # ---- the expert: explicit, the one the memory stage used, or this route's memory expert
     memory_inputs = (chain.get("memory") or {}).get("inputs") or {}
     if entry.get("expert"):
-        from gag_lightning.pipeline.keys import upstream_folder
+        from gag_lightning.fingerprints import upstream_folder
 
         expert_dir = upstream_folder(cfg, f"router.domains.{key}.expert", entry["expert"], external_ok=True)[0]
         sources["expert"] = f"router.domains.{key}.expert"

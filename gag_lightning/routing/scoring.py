@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from gag_lightning.artifacts import atomic_write_text
 from gag_lightning.eval.facts import fact_match, token_f1
-from gag_lightning.eval.harness import markdown_report
+from gag_lightning.eval.report import markdown_report
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
 from gag_lightning.routing.answerer import RoutedAnswer, _device
 
@@ -45,7 +45,7 @@ def score_systems(cfg: DictConfig, records: Sequence[Any],
     has-answer EM for general sets, BERTScore F1 and STS for specialist sets. Writes predictions.jsonl,
     metrics.json ({"systems": summary, "notes": notes}) and report.md; ``notes`` (an adapter selected on the test
     split) head the report."""
-    from gag_lightning.pipeline.evaluate import build_scorers
+    from gag_lightning.eval.settings import build_scorers
 
     general_sets = _general_sets(cfg)
     specialist = [i for i, r in enumerate(records) if r.dataset_name not in general_sets]

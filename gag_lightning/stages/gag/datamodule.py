@@ -14,7 +14,7 @@ with the loss on the answer and its end-of-turn token only, plus the record's me
 (optionally) its precomputed semantic target. Memories stay in the bank's storage dtype (fp16) in RAM and
 are upcast per batch: the reference kept every raw per-token hidden state in RAM (METHOD.md section 8).
 With KL self-distillation on (METHOD.md section 5b) each example also carries its teacher sequence: the
-expert_context prompt (background as text on the Knowledge line) and the same answer tokens (data/distill.py).
+expert_context prompt (background as text on the Knowledge line) and the same answer tokens (stages/gag/distill.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gag_lightning.data.distill import teacher_batch, with_teacher
 from gag_lightning.data.loaders import eval_loader, train_loader
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.memory.bank import MemoryBank, MemorySchema
@@ -45,6 +44,7 @@ from gag_lightning.prompts import (
     render_completion,
     stop_token_ids,
 )
+from gag_lightning.stages.gag.distill import teacher_batch, with_teacher
 
 log = logging.getLogger(__name__)
 

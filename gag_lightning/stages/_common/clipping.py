@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gag_lightning.stages.guards import FiniteGuard
+from gag_lightning.stages._common.guards import FiniteGuard
 
 
 class ShardAwareClipping(FiniteGuard):

@@ -9,6 +9,7 @@ optimizer steps, batch size and accumulation, and the answer-only loss. The arti
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,12 +18,12 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import MANIFEST, apply_umask, read_manifest, write_manifest
+from gag_lightning.artifacts import MANIFEST, apply_umask, atomic_write_text, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
+from gag_lightning.keys import artifact_dir, container, file_digest, memory_splits, stage_key
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, file_digest, memory_splits, stage_key
-from gag_lightning.pipeline.trainer import (
+from gag_lightning.stages._common.trainer import (
     build_trainer,
     finish_loggers,
     global_rank,
@@ -54,7 +55,7 @@ def record_selection(cfg: DictConfig) -> dict[str, Any]:
 
 def train_records(cfg: DictConfig) -> list[QARecord]:
     """The records Stage III trains its adapter on (the memory bank keeps the file's first N, in order)."""
-    from gag_lightning.data.gag import split_positions
+    from gag_lightning.stages.gag.datamodule import split_positions
 
     sel = record_selection(cfg)
     records = read_qa(str(cfg.domain.get(sel["split"])))[: sel["max_records"]]
@@ -77,6 +78,11 @@ def save_lora(model: Any, folder: Path) -> None:
     """Only the LoRA tensors and their config; embeddings are never saved (``save_embedding_layers=False``:
     peft's "auto" would save them whenever the vocabulary differs from the base's config)."""
     model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    config_path = folder / LORA_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):  # peft keeps a set: its order varied from run to run
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     apply_umask(folder)  # safetensors writes its file 0600
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the artifact
 
@@ -113,7 +119,7 @@ def load_lora(base: Any, folder: str | Path) -> Any:
 
 def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     """This config's finished LoRA artifact, or an explicitly given LoRA folder."""
-    from gag_lightning.pipeline.gag import _upstream_dir
+    from gag_lightning.stages.gag.runner import _upstream_dir
 
     folder = _upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
                            "lora from eval.systems", option="eval.lora_adapter", external_ok=True)
@@ -124,7 +130,7 @@ def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
 
 def check_lora_base(folder: Path, base_dir: Path) -> None:
     """Refuse a LoRA trained on another base (when its manifest says which one)."""
-    from gag_lightning.pipeline.gag import base_identity
+    from gag_lightning.models.base import base_identity
 
     manifest = read_manifest(folder) or {}
     have, want = manifest.get("inputs", {}).get("base_model"), base_identity(base_dir)
@@ -157,10 +163,11 @@ def _final_lora(trainer: Any, model: Any, checkpoint: Any, base_dir: Path, node:
 def run_lora(cfg: DictConfig) -> dict[str, Any]:
     from peft import get_peft_model
 
-    from gag_lightning.data.lora import LoRADataModule
-    from gag_lightning.pipeline.gag import base_identity, weights_bytes
+    from gag_lightning.models.base import base_identity
     from gag_lightning.prompts import GENERAL_REQUEST_TEXT
-    from gag_lightning.stages.lora import LoRAModule
+    from gag_lightning.stages.gag.runner import weights_bytes
+    from gag_lightning.stages.lora.datamodule import LoRADataModule
+    from gag_lightning.stages.lora.module import LoRAModule
 
     node = cfg.lora
     out_dir = artifact_dir(cfg, "lora")

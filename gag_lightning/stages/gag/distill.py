@@ -3,7 +3,7 @@
 The teacher is the same frozen base reading the record's expert background as *text* on the Knowledge line
 (the expert_context system's prompt, ``prompts.build_messages("context", ...)``); the student is the base with
 the S injected slots. Both sequences end in the same answer tokens, but their prompts differ in length, so the
-answer is aligned by its offset from each prompt's end. Kept apart from ``data/gag.py`` so that the plain Stage III data path reads as before.
+answer is aligned by its offset from each prompt's end. Kept apart from ``stages/gag/datamodule.py`` so that the plain Stage III data path reads as before.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 from gag_lightning.errors import GAGError
 
 if TYPE_CHECKING:
-    from gag_lightning.data.gag import GAGExample
+    from gag_lightning.stages.gag.datamodule import GAGExample
 
 
 def with_teacher(example: GAGExample, teacher: GAGExample | None, record: str) -> GAGExample:

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from gag_lightning.errors import GAGError
 from gag_lightning.models.losses import token_nll
 from gag_lightning.models.shared_prefix import answer_token_logits
-from gag_lightning.stages.clipping import ShardAwareClipping
+from gag_lightning.stages._common.clipping import ShardAwareClipping
 
 
 def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

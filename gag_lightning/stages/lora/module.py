@@ -18,8 +18,8 @@ from torch import Tensor
 from gag_lightning.errors import GAGError
 from gag_lightning.models.losses import token_nll
 from gag_lightning.models.shared_prefix import answer_token_logits
-from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
-from gag_lightning.stages.clipping import ShardAwareClipping
+from gag_lightning.stages._common.clipping import ShardAwareClipping
+from gag_lightning.stages.expert.module import adamw_with_warmup, require_fp32
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:

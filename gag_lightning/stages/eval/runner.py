@@ -1,81 +1,49 @@
-"""Evaluation runner: all systems on every eval split's memory bank, one run, one decoding path."""
+"""Evaluation runner: all systems on every eval split's memory bank, one run, one decoding path.
+
+Decoding runs as Lightning's predict loop over the planned batches (``stages.eval``): under DDP every rank loads
+the models and decodes its share of the batches, the predictions are gathered, and rank 0 scores them and writes
+the artifact. The predictions are the same on any number of processes (whole batches are dealt, see
+``stages.eval.datamodule``).
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
+import warnings
+from pathlib import Path
 from typing import Any
 
-import torch
+import lightning as L
 from omegaconf import DictConfig
 
 from gag_lightning.artifacts import atomic_write_text, read_manifest, unfinished_inputs, write_manifest
 from gag_lightning.errors import GAGError, SchemaMismatchError
-from gag_lightning.eval.generation import DecodingConfig
+from gag_lightning.eval.settings import build_scorers, decoding_config
+from gag_lightning.keys import artifact_dir, container, eval_splits, stage_key
 from gag_lightning.memory.bank import MemoryBank
-from gag_lightning.pipeline.keys import artifact_dir, container, eval_splits, stage_key
-from gag_lightning.pipeline.trainer import finish_loggers, global_rank, make_loggers
+from gag_lightning.stages._common.trainer import finish_loggers, global_rank, make_loggers, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
 
-def eval_device(cfg: DictConfig) -> torch.device:
-    accel = str(cfg.trainer.get("accelerator", "cpu"))
-    if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def eval_trainer(cfg: DictConfig) -> L.Trainer:
+    """The predict Trainer: the hardware preset's accelerator, devices, nodes and strategy.
 
-
-def decoding_config(cfg: DictConfig) -> DecodingConfig:
-    """The one DecodingConfig every system uses (greedy; METHOD.md section 5)."""
-    node = cfg.eval.decoding
-    return DecodingConfig(max_new_tokens=int(node.max_new_tokens), do_sample=False,
-                          repetition_penalty=float(node.repetition_penalty),
-                          no_repeat_ngram_size=int(node.no_repeat_ngram_size), batch_size=int(node.batch_size))
-
-
-def fit_chunk_size(model_dir: Any, wanted: int) -> int:
-    """The BERTScore chunk size: ``wanted`` word-pieces, or fewer if the encoder cannot take that many.
-
-    The spec's ~500 assumes a 512-position encoder; an encoder with a shorter window (the tiny test encoder
-    takes 256) gets chunks that fit it, with a warning, instead of an error at the end of a long run.
+    A sharded training strategy (FSDP, DeepSpeed) becomes DDP: each rank holds the whole frozen models for
+    inference. Precision is ``32-true``: the models are loaded in ``hardware.base_dtype`` as before, and no
+    autocast changes their numerics.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from gag_lightning.eval.metrics import _resolve_model_dir
-
-    path = _resolve_model_dir(model_dir, "BERTScore encoder", ("config.json",))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None) or 10**9
-    limit = min(int(min(tokenizer.model_max_length, 10**9)), int(positions))
-    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
-    if wanted + n_special > limit:
-        log.warning("BERTScore max_tokens=%d does not fit the encoder's %d positions; chunks of %d word-pieces",
-                    wanted, limit, limit - n_special)
-        return limit - n_special
-    return wanted
-
-
-def build_scorers(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    from gag_lightning.eval.metrics import ChunkedBERTScore, STSScorer
-    from gag_lightning.models.loading import resolve_path
-
-    enc = cfg.model.encoders
-    node = cfg.eval
-    dev = str(device)
-    bert_dir = resolve_path(enc.bertscore, cfg.paths.cache_dir)
-    return {
-        "bertscore_f1": ChunkedBERTScore(bert_dir, num_layers=int(node.bertscore.layer),
-                                         max_tokens=fit_chunk_size(bert_dir, int(node.bertscore.max_tokens)),
-                                         batch_size=int(node.bertscore.get("batch_size", 64)), device=dev),
-        "sts": STSScorer(resolve_path(enc.sts, cfg.paths.cache_dir),
-                         batch_size=int(node.sts.get("batch_size", 64)), device=dev),
-    }
-
-
-def _log_progress(split: str, n_records: int, system: str) -> None:
-    log.info("[eval] %s/%s: %d records", split, system, n_records)
+    kwargs = trainer_kwargs(cfg, None)
+    kept = {k: kwargs[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in kwargs}
+    strategy = kept.get("strategy", "auto")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if "fsdp" in name.lower() or "deepspeed" in name.lower():
+        log.info("[eval] trainer.strategy -> ddp: each rank holds the whole frozen models for inference")
+        kept["strategy"] = "ddp"
+    return L.Trainer(**kept, precision="32-true", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(Path(cfg.paths.output_dir) / "eval"))
 
 
 def split_title(cfg: DictConfig, split: str, n_records: int) -> str:
@@ -85,7 +53,7 @@ def split_title(cfg: DictConfig, split: str, n_records: int) -> str:
 
 def _print_manifest_reports(manifest: dict[str, Any], cfg: DictConfig) -> None:
     """Every split's table from a finished artifact's manifest (the `skipping` path)."""
-    from gag_lightning.eval.harness import print_report
+    from gag_lightning.eval.report import print_report
 
     summary, settings = manifest.get("summary") or {}, manifest.get("settings") or {}
     for split in manifest.get("splits") or []:
@@ -101,28 +69,16 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     splits' reports in turn) and `<artifact>/metrics.json` ({split: {systems, settings}}); logs and returns the
     flat metrics `eval/<split>/<system>/<metric>`.
     """
-    from gag_lightning.data.gag import check_bank_against_adapter
-    from gag_lightning.eval.harness import (
-        SYSTEMS,
-        EvalHarness,
-        flat_metrics,
-        items_from_metas,
-        print_report,
-        write_outputs,
-        write_split_outputs,
-    )
-    from gag_lightning.models.adapter import adapter_placeholder, load_adapter, selection_note
+    from gag_lightning.eval.harness import SYSTEMS, EvalHarness, items_from_metas
+    from gag_lightning.eval.report import flat_metrics, print_report, write_outputs, write_split_outputs
+    from gag_lightning.models.adapter_io import adapter_placeholder, load_adapter, selection_note
+    from gag_lightning.models.base import base_identity, load_base
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-    from gag_lightning.pipeline.gag import base_identity, gag_adapter_dir, load_base, memory_bank_dir
+    from gag_lightning.stages.gag.datamodule import check_bank_against_adapter
+    from gag_lightning.stages.gag.runner import gag_adapter_dir, memory_bank_dir
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
-    rank = global_rank()
-    if rank:
-        # after a DDP fit every rank runs the rest of the pipeline; evaluation is one process's job (it would
-        # otherwise decode everything once per rank, on one GPU, and write the same files concurrently)
-        log.info("[eval] rank %d: evaluation runs on rank 0 only", rank)
-        return {"artifact": str(out_dir), "rank_skipped": rank}
     manifest = read_manifest(out_dir)
     if manifest is not None:
         log.info("[eval] artifact already complete for this configuration: %s (skipping)", out_dir)
@@ -140,12 +96,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     adapter_dir = gag_adapter_dir(cfg, node.get("adapter")) if needs_gag else None
     lora_dir = None
     if "lora" in systems:
-        from gag_lightning.pipeline.lora import check_lora_base, load_lora, lora_adapter_dir, lora_bytes
+        from gag_lightning.stages.lora.runner import check_lora_base, load_lora, lora_adapter_dir, lora_bytes
 
         lora_dir = lora_adapter_dir(cfg, node.get("lora_adapter"))
-    if out_dir.exists():
+    if out_dir.exists() and global_rank() == 0:
         shutil.rmtree(out_dir)
-    device = eval_device(cfg)
+    trainer = eval_trainer(cfg)
+    device = trainer.strategy.root_device  # this rank's device (every rank decodes its share)
     unfinished = unfinished_inputs(stage_key(cfg, "eval"))
     if unfinished:
         log.warning("[eval] allow_unfinished=true: reading unfinished upstream folder(s) %s", unfinished)
@@ -173,7 +130,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         lora = load_lora(base, lora_dir)
     expert = expert_tok = None
     if "expert" in systems:
-        from gag_lightning.pipeline.expert import sft_expert_path
+        from gag_lightning.stages.expert.runner import sft_expert_path
 
         expert_dir = sft_expert_path(cfg)
         expert_tok = load_tokenizer(expert_dir)
@@ -183,10 +140,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         from gag_lightning.baselines.rag import build_rag_index, rag_retrieval
 
         rag_index = build_rag_index(cfg, device=str(device))
-    scorers = build_scorers(cfg, device)
 
-    # ---- each split: its bank, the same harness settings, its own outputs
-    results, titles, paths, metrics = {}, {}, {}, {}
+    # ---- each split: its bank and records, the same harness settings
+    harnesses, split_items, retrievals = {}, {}, {}
     for split in splits:
         bank = MemoryBank.open(bank_dirs[split])
         if adapter is not None:
@@ -205,7 +161,39 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                               retrieved=retrieval.passages if retrieval else None,
                               retrieval_summary=retrieval.summary() if retrieval else None, lora=lora,
                               share_prefix=bool(node.get("share_prefix", True)))
-        result = harness.run(items, systems, scorers, progress=functools.partial(_log_progress, split, len(items)))
+        harness.check_systems(items, systems)
+        harnesses[split], split_items[split], retrievals[split] = harness, items, retrieval
+
+    # ---- decoding: Lightning's predict loop over the planned batches (shared out across ranks under DDP)
+    from gag_lightning.stages.eval.datamodule import EvalDataModule, plan_eval
+    from gag_lightning.stages.eval.module import (
+        EvalModule,
+        all_gather_predictions,
+        assemble,
+        decoded_per_rank,
+    )
+
+    plan = plan_eval(harnesses, split_items, systems)
+    log.info("[eval] %d batches (%s x %d systems) over %d process(es)", len(plan),
+             ", ".join(f"{s}: {len(split_items[s])} records" for s in splits), len(systems), trainer.world_size)
+    with warnings.catch_warnings():  # the predict loop's own advice on workers does not apply: no data loading
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        local = trainer.predict(EvalModule(harnesses, split_items), datamodule=EvalDataModule(plan),
+                                return_predictions=True)
+    predictions = all_gather_predictions([p for batch in local or [] for p in batch])
+    per_rank = decoded_per_rank(predictions)
+    log.info("[eval] answers decoded per rank: %s", per_rank)
+    if trainer.global_rank != 0:  # rank 0 scores and writes the artifact
+        return {"artifact": str(out_dir), "rank": trainer.global_rank, "decoded": per_rank.get(trainer.global_rank, 0)}
+    generations = assemble(predictions, plan, {s: len(split_items[s]) for s in splits})
+    scorers = build_scorers(cfg, device)
+
+    # ---- each split: scores and its own outputs
+    results, titles, paths, metrics = {}, {}, {}, {}
+    for split in splits:
+        harness, items, retrieval = harnesses[split], split_items[split], retrievals[split]
+        result = harness.score(items, systems, generations[split], scorers)
+        result.settings.update(decoded_per_rank={str(r): n for r, n in per_rank.items()})
         result.settings.update(split=split, bank=str(bank_dirs[split]),
                                adapter=str(adapter_dir) if adapter_dir else None, base=str(base_dir),
                                bertscore_max_tokens=scorers["bertscore_f1"].max_tokens,
@@ -248,4 +236,4 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return {"artifact": str(out_dir), **metrics}
 
 
-__all__ = ["build_scorers", "decoding_config", "eval_device", "fit_chunk_size", "run_eval", "split_title"]
+__all__ = ["eval_trainer", "run_eval", "split_title"]

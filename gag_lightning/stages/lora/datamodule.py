@@ -20,7 +20,6 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from gag_lightning.data.loaders import train_loader
-from gag_lightning.data.qa import SFTDataset, SFTExample, collate_sft
 from gag_lightning.data.records import QARecord
 from gag_lightning.errors import GAGError
 from gag_lightning.prompts import (
@@ -30,6 +29,7 @@ from gag_lightning.prompts import (
     render_completion,
     stop_token_ids,
 )
+from gag_lightning.stages.expert.qa import SFTDataset, SFTExample, collate_sft
 
 log = logging.getLogger(__name__)
 

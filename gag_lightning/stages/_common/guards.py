@@ -4,7 +4,7 @@ Without this, a NaN (a damaged memory bank, an lr that diverges) trains to the e
 the artifact is written with a manifest and evaluation decodes empty answers. Lightning's
 ``detect_anomaly`` finds the op but slows every step several-fold; these checks cost one reduction per
 micro-batch (the loss) and one fused norm per optimizer step (the gradients). Every training module of
-the project inherits them (``stages.clipping.ShardAwareClipping`` derives from ``FiniteGuard``).
+the project inherits them (``stages._common.clipping.ShardAwareClipping`` derives from ``FiniteGuard``).
 """
 
 from __future__ import annotations

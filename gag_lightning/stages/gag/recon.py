@@ -23,11 +23,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from gag_lightning.data.gag import GAGCollator, GAGDataset, GAGExample, encode_turn
 from gag_lightning.data.loaders import train_loader
 from gag_lightning.errors import GAGError
 from gag_lightning.memory.bank import MemoryBank
 from gag_lightning.prompts import choose_placeholder, recon_user_text, stop_token_ids
+from gag_lightning.stages.gag.datamodule import GAGCollator, GAGDataset, GAGExample, encode_turn
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from gag_lightning.errors import GAGError
 from gag_lightning.eval.generation import prefix_cache
-from gag_lightning.models.adapter import GAGAdapter, inject
+from gag_lightning.models.adapter import GAGAdapter, injected_embeddings
 from gag_lightning.models.losses import (
     DEFAULT_LOSS_WEIGHTS,
     IGNORE_INDEX,
@@ -35,24 +35,12 @@ from gag_lightning.models.losses import (
     masked_mean,
     semantic_loss,
 )
-from gag_lightning.stages.causal_lm import adamw_with_warmup, require_fp32
-from gag_lightning.stages.clipping import ShardAwareClipping
+from gag_lightning.stages._common.clipping import ShardAwareClipping
+from gag_lightning.stages.expert.module import adamw_with_warmup, require_fp32
 
 log = logging.getLogger(__name__)
 
 LOSS_PARTS = ("loss", "nll", "sem", "div", "kl")
-
-
-def injected_embeddings(base: Any, adapter: GAGAdapter, input_ids: Tensor, memory: Tensor,
-                        gag_token_id: int) -> tuple[Tensor, Tensor]:
-    """(inputs_embeds with the projected slots at the ``<GAG>`` positions, slots ``[B, S, H_b]`` fp32).
-
-    The one injection path, shared by training and every GAG system of the evaluation harness. The placeholder
-    positions are looked up as id 0 (a mark id is outside the vocabulary; either way the row is overwritten).
-    """
-    embeds = base.get_input_embeddings()(input_ids.masked_fill(input_ids == gag_token_id, 0))
-    slots = adapter.project(memory.to(input_ids.device))
-    return inject(embeds, input_ids, gag_token_id, slots), slots
 
 
 def loss_weights_tuple(weights: Mapping[str, float] | Sequence[float] | None) -> tuple[float, float, float]:
@@ -336,5 +324,5 @@ def fit_with_recon(module: GAGModule, trainer: L.Trainer, datamodule: L.Lightnin
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
-__all__ = ["GAGModule", "fit_with_recon", "injected_embeddings", "kl_weight",
+__all__ = ["GAGModule", "fit_with_recon", "kl_weight",
            "loss_weights_tuple"]

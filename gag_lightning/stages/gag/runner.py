@@ -23,22 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
 from gag_lightning.callbacks import checkpoint_step
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
+from gag_lightning.keys import artifact_dir, container, memory_splits, stage_key, upstream_folder
 from gag_lightning.models.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterConfig,
     GAGAdapter,
-    load_adapter,
-    save_adapter,
 )
-from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.keys import artifact_dir, container, memory_splits, stage_key, upstream_folder
-from gag_lightning.pipeline.trainer import (
+from gag_lightning.models.adapter_io import load_adapter, save_adapter
+from gag_lightning.models.base import base_identity, load_base
+from gag_lightning.models.loading import resolve_path
+from gag_lightning.prompts import Placeholder
+from gag_lightning.stages._common.trainer import (
     build_trainer,
     finish_loggers,
     global_rank,
@@ -48,7 +50,6 @@ from gag_lightning.pipeline.trainer import (
     sharded_final_checkpoint,
     stage_checkpoint,
 )
-from gag_lightning.prompts import Placeholder, choose_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -90,29 +91,9 @@ def expected_schema(cfg: DictConfig) -> dict[str, Any]:
     return {"slots": int(comp.slots), "layer_keys": list(comp.layer_keys)}
 
 
-def base_identity(base_dir: Path) -> str:
-    """``<dir name>@<fingerprint>``: recorded in the adapter so evaluation can refuse another base."""
-    return f"{base_dir.name}@{fingerprint_dir(base_dir)}"
-
-
 def weights_bytes(folder: Path) -> int:
     """On-disk size of a model directory's weight files."""
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in folder.glob(pattern))
-
-
-def load_base(cfg: DictConfig) -> tuple[Any, Any, Placeholder, Path]:
-    """(frozen base in hardware.base_dtype, its tokenizer, the slot placeholder, base directory).
-
-    The published base as it is: nothing is added to the tokenizer and the embeddings are never resized (a new
-    row would also be a new random row of a tied output head). The memory slots are marked by the placeholder
-    of ``prompts.choose_placeholder`` (a spare special token of the tokenizer, or a mark outside the vocabulary).
-    """
-    base_dir = resolve_path(cfg.model.base, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(base_dir)
-    base = load_causal_lm(base_dir, cfg.hardware.get("base_dtype", "float32"))
-    base.requires_grad_(False)
-    base.eval()
-    return base, tokenizer, choose_placeholder(tokenizer), base_dir
 
 
 def check_val_source(node: DictConfig) -> str:
@@ -179,7 +160,7 @@ def _recon_fit(cfg: DictConfig, datamodule: Any, tokenizer: Any, loggers: list[A
                ) -> tuple[Any, Any, str | None]:
     """(trainer, datamodule, resume checkpoint) of the reconstruction warm-up on the QA fit's training records, or
     (None, None, None). Its checkpoints live in ``<artifact>.ckpt/recon/``."""
-    from gag_lightning.data.recon import ReconDataModule
+    from gag_lightning.stages.gag.recon import ReconDataModule
 
     node = cfg.gag
     steps = int(node.get("recon_steps", 0) or 0)
@@ -221,14 +202,10 @@ def trained_adapter(config: AdapterConfig, module: Any, trainer: L.Trainer, chec
 
 
 def run_gag(cfg: DictConfig) -> dict[str, Any]:
-    from gag_lightning.data.gag import GAGDataModule
+    """Stage III: the GAG LightningModule and DataModule from ``gag.module`` / ``gag.datamodule`` (``_target_``),
+    trained against the frozen base; the artifact is the adapter alone."""
     from gag_lightning.models.encoders import SemanticTargetEncoder
-    from gag_lightning.stages.gag import (
-        GAGModule,
-        fit_with_recon,
-        kl_weight,
-        loss_weights_tuple,
-    )
+    from gag_lightning.stages.gag.module import fit_with_recon, kl_weight, loss_weights_tuple
 
     node = cfg.gag
     val_source = check_val_source(node)
@@ -252,15 +229,15 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     if weights[1] > 0:
         spec = cfg.model.encoders.semantic
         encoder = SemanticTargetEncoder(resolve_path(spec, cfg.paths.cache_dir), int(spec.get("max_length", 512)))
-    datamodule = GAGDataModule(
-        train_bank, tokenizer, instruction=cfg.domain.instruction, request_text=cfg.domain.request_text,
+    datamodule = instantiate(
+        node.datamodule, train_bank, tokenizer, instruction=cfg.domain.instruction, request_text=cfg.domain.request_text,
         val_bank=val_bank, val_source=val_source, val_fraction=float(node.get("val_fraction", 0.05)),
         max_length=int(node.max_length), batch_size=int(node.batch_size),
         eval_batch_size=int(node.get("eval_batch_size", 8)), num_workers=int(node.get("num_workers", 0)),
         seed=cfg.seed, max_train_records=node.get("max_train_records"),
         max_val_records=node.get("max_val_records"), enable_thinking=bool(node.get("enable_thinking", False)),
         semantic_encoder=encoder, expect=expected_schema(cfg), teacher_context=distill,
-        placeholder_id=placeholder.id,
+        placeholder_id=placeholder.id, _convert_="partial",
     )
     schema = datamodule.schema
     # seeded here, after every model load: building a cached tiny model re-seeds the global RNG
@@ -273,7 +250,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     init_mode = str(node.get("init", "random"))
     alignment = None
     if init_mode == "token_alignment" and not init:
-        from gag_lightning.pipeline.alignment import align_adapter
+        from gag_lightning.stages.gag.alignment import align_adapter
 
         alignment = align_adapter(cfg, adapter, base, tokenizer, train_bank)
         L.seed_everything(cfg.seed, workers=True)  # the expert load must not change the training RNG stream
@@ -284,7 +261,7 @@ def run_gag(cfg: DictConfig) -> dict[str, Any]:
     del encoder
     datamodule.semantic_encoder = None  # targets are precomputed; free the encoder
 
-    module = GAGModule(base, adapter, placeholder.id, loss_weights=weight_map, lr=float(node.lr),
+    module = instantiate(node.module, base, adapter, placeholder.id, _convert_="partial", loss_weights=weight_map, lr=float(node.lr),
                        warmup_ratio=float(node.warmup_ratio), weight_decay=float(node.weight_decay),
                        gradient_checkpointing=bool(node.get("gradient_checkpointing", False)),
                        kl_temperature=float(node.get("kl_temperature", 1.0)))
@@ -364,5 +341,5 @@ def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
                          option="eval.adapter")
 
 
-__all__ = ["adapter_bytes", "base_identity", "check_val_source", "gag_adapter_dir", "load_base", "memory_bank_dir", "memory_root", "run_gag",
+__all__ = ["adapter_bytes", "check_val_source", "gag_adapter_dir", "memory_bank_dir", "memory_root", "run_gag",
            "weights_bytes"]
