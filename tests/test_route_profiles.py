@@ -36,8 +36,8 @@ def answerer(tiny_two_domains):
 def _trained_prompts(two: dict, domain: str, tokenizer, n: int = 6) -> list[tuple[str, list[int], list[int]]]:
     """(question, GAG prompt ids, background prompt ids) of the first train records, built by the training code:
     the GAG DataModule as run_gag builds it, the background store the memory stage wrote."""
-    from gag_lightning.stages.gag.datamodule import GAGDataModule
     from gag_lightning.memory.bank import BackgroundStore
+    from gag_lightning.stages.gag.datamodule import GAGDataModule
     from gag_lightning.stages.gag.runner import expected_schema, memory_bank_dir
 
     cfg = compose(two["cfg"][domain])

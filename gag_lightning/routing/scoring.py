@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 from gag_lightning.artifacts import atomic_write_text
 from gag_lightning.eval.facts import fact_match, token_f1
-from gag_lightning.eval.report import markdown_report
 from gag_lightning.eval.metrics import has_answer, is_empty_prediction, summarize_scores
+from gag_lightning.eval.report import markdown_report
 from gag_lightning.routing.answerer import RoutedAnswer, _device
 
 __all__ = ["fact_aliases", "score_routed", "score_systems"]
