@@ -43,9 +43,12 @@ from gag_lightning.memory.compression import build_memories, layer_indices
 from gag_lightning.memory.decode import Finished, StreamingDecoder
 from gag_lightning.memory.extract import CompressionConfig, memory_metadata
 
-__all__ = ["OnePassJob", "build_in_one_pass"]
+__all__ = ["EXTRACT_MODES", "OnePassJob", "build_in_one_pass"]
 
 log = logging.getLogger(__name__)
+
+#: `memory.extract`: read the layers while decoding (one pass), or in a second pass over the stored backgrounds.
+EXTRACT_MODES: tuple[str, ...] = ("during_generation", "teacher_forced")
 
 
 class OnePassJob:
