@@ -30,10 +30,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import logging  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -67,41 +69,13 @@ def compose_cfg(model: str, domain: str, hardware: str):
                                                 "stage=memory", "paths.output_dir=" + tempfile.gettempdir()])
 
 
-class PeakRSS:
-    """Highest resident set size of this process while a block runs (sampled every 5 ms from /proc)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * self._page
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self._rss()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-
 @torch.inference_mode()
 def reference_record(model, prompt: list[int], max_new: int, stops: set[int], picks: list[int],
                      compression: CompressionConfig) -> tuple[list[int], torch.Tensor]:
     """METHOD.md section 3 as the reference runs it (section 8): batch 1, token by token with a KV cache, the
     hidden states of every layer kept at every step, the memory compressed once the background is complete."""
     device = next(model.parameters()).device
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
     tokens: list[int] = []
     kept: list[tuple[torch.Tensor, ...]] = []  # per step: every layer's state at the position just fed
@@ -110,8 +84,9 @@ def reference_record(model, prompt: list[int], max_new: int, stops: set[int], pi
         if token in stops:
             break
         tokens.append(token)  # fed back now: its states are those of the position where it is the input
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
-                    use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, output_hidden_states=True,
+                    logits_to_keep=1, **{name: cache})
         kept.append(tuple(h[0, -1].detach().clone() for h in out.hidden_states))
     hidden = model.config.hidden_size
     layers = [torch.stack([step[i] for step in kept]) if kept else torch.zeros((0, hidden), device=device)
@@ -129,100 +104,128 @@ def folder_bytes(folder: Path) -> dict[str, int]:
     return sizes
 
 
+class Setup:
+    """The expert, records, prompts and settings every configuration of one model shares."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        cfg = compose_cfg(name, args.domain, args.hardware)
+        t0 = time.perf_counter()
+        path = resolve_path(cfg.model.expert, args.cache_dir or cfg.paths.cache_dir)
+        self.dtype = args.dtype or str(cfg.memory.generation.model_dtype)
+        self.model = load_causal_lm(path, self.dtype).eval().to(args.device)
+        self.tokenizer = load_tokenizer(path)
+        self.path, self.load_s = path, time.perf_counter() - t0
+        self.records = read_qa(args.data or cfg.domain.train)[: args.records]
+        generation = OmegaConf.to_container(cfg.memory.generation, resolve=True)
+        if args.max_new_tokens:
+            generation["max_new_tokens"] = args.max_new_tokens
+        args.max_new_tokens = generation["max_new_tokens"]
+        self.config = BackgroundConfig.from_mapping(generation, seed=int(cfg.seed))
+        self.compression = CompressionConfig(layer_keys=tuple(cfg.memory.compression.layer_keys),
+                                             slots=int(cfg.memory.compression.slots),
+                                             pooling=str(cfg.memory.compression.pooling), dtype="float16")
+        self.stops = stop_token_ids(self.tokenizer, self.model.generation_config)
+        fingerprint = fingerprint_dir(path)
+        self.settings = background_settings(self.config, fingerprint, self.stops, split="bench")
+        self.hidden = int(self.model.config.hidden_size)
+        self.schema = memory_schema(fingerprint, self.hidden, self.compression, settings_fingerprint(self.settings))
+        self.default = f"{cfg.memory.extract}@{int(cfg.memory.generation.batch_size)}"
+        self.prompts = background_prompt_ids(self.tokenizer, self.records, self.config)
+        self.picks = layer_indices(self.compression.layer_keys)
+        self.ref_tokens: dict[int, list[int]] = {}
+        self.ref_memories: dict[int, torch.Tensor] = {}
+        self.progress = not args.no_progress
+
+    def build(self, run: str, indices: list[int], out: Path) -> int:
+        """Build the records at `indices` with configuration `run`; returns the generated tokens."""
+        if run == "reference":
+            for i in indices:
+                self.ref_tokens[i], self.ref_memories[i] = reference_record(
+                    self.model, self.prompts[i], self.config.max_new_tokens, set(self.stops), self.picks,
+                    self.compression)
+            return sum(len(self.ref_tokens[i]) for i in indices)
+        extract, batch = run.split("@")
+        records = [self.records[i] for i in indices]
+        if extract == "during_generation":
+            return build_in_one_pass(self.model, self.tokenizer, records, out / "bg", self.settings, self.config,
+                                     self.stops, out / "bank", self.schema, self.compression, batch_size=int(batch),
+                                     progress=self.progress).tokens
+        job = generate_backgrounds(self.model, self.tokenizer, records, out / "bg", self.settings, self.config,
+                                   self.stops, batch_size=int(batch), progress=self.progress)
+        build_memory_bank(self.model, BackgroundStore.open(out / "bg").read_all(), out / "bank", self.schema,
+                          self.compression, batch_size=int(batch), progress=self.progress)
+        return job.tokens
+
+
+def probe_rss(name: str, run: str, records: int, args: argparse.Namespace) -> int:
+    """Peak RSS (bytes) of a fresh process that loads the expert and builds `records` records with `run`: one
+    process per configuration, so that no configuration inherits another's heap."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--model", name, "--probe", run, "--records", str(records),
+           "--domain", args.domain, "--hardware", args.hardware, "--device", args.device, "--no-progress",
+           "--max-new-tokens", str(args.max_new_tokens)]
+    for flag, value in (("--dtype", args.dtype), ("--threads", args.threads), ("--data", args.data),
+                        ("--cache-dir", args.cache_dir)):
+        if value:
+            cmd += [flag, str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEAK_RSS_BYTES="):
+            return int(line.split("=", 1)[1])
+    raise RuntimeError(f"RSS probe of {run} failed:\n{proc.stderr[-2000:]}")
+
+
 def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
-    cfg = compose_cfg(name, args.domain, args.hardware)
-    t0 = time.perf_counter()
-    path = resolve_path(cfg.model.expert, args.cache_dir or cfg.paths.cache_dir)
-    dtype = args.dtype or str(cfg.memory.generation.model_dtype)
-    model = load_causal_lm(path, dtype).eval().to(args.device)
-    tokenizer = load_tokenizer(path)
-    print(f"\n== {name}: {path} (loaded in {time.perf_counter() - t0:.1f}s), {args.device} {dtype}, "
+    setup = Setup(name, args)
+    print(f"\n== {name}: {setup.path} (loaded in {setup.load_s:.1f}s), {args.device} {setup.dtype}, "
           f"torch threads {torch.get_num_threads()}, hardware={args.hardware}")
-    records = read_qa(args.data or cfg.domain.train)[: args.records]
-    generation = OmegaConf.to_container(cfg.memory.generation, resolve=True)
-    if args.max_new_tokens:
-        generation["max_new_tokens"] = args.max_new_tokens
-    args.max_new_tokens = generation["max_new_tokens"]
-    config = BackgroundConfig.from_mapping(generation, seed=int(cfg.seed))
-    compression = CompressionConfig(layer_keys=tuple(cfg.memory.compression.layer_keys),
-                                    slots=int(cfg.memory.compression.slots),
-                                    pooling=str(cfg.memory.compression.pooling), dtype="float16")
-    stops = stop_token_ids(tokenizer, model.generation_config)
-    fingerprint = fingerprint_dir(path)
-    settings = background_settings(config, fingerprint, stops, split="bench")
-    hidden = int(model.config.hidden_size)
-    schema = memory_schema(fingerprint, hidden, compression, settings_fingerprint(settings))
-    extracts = args.extract or [str(cfg.memory.extract)]
-    sizes = args.batch_sizes or [int(cfg.memory.generation.batch_size)]
-    configs = [(e, b) for e in extracts for b in sizes]
-    default = (str(cfg.memory.extract), int(cfg.memory.generation.batch_size))
-    names = (["reference"] if args.against == "reference" else []) + [f"{e}@{b}" for e, b in configs]
+    sizes = args.batch_sizes or [int(setup.default.split("@")[1])]
+    names = (["reference"] if args.against == "reference" else []) + [
+        f"{e}@{b}" for e in args.extract or [setup.default.split("@")[0]] for b in sizes]
     stats = {n: {"s": 0.0, "cpu": 0.0, "rec": 0, "tok": 0, "rss": 0, "cuda": 0} for n in names}
-    prompts = background_prompt_ids(tokenizer, records, config)
-    ref_tokens: dict[int, list[int]] = {}
-    ref_memories: dict[int, torch.Tensor] = {}
-    picks = layer_indices(compression.layer_keys)
-    rounds = max(1, min(args.rounds, len(records))) if args.against == "reference" else 1
-    slices = [list(range(len(records)))[k::rounds] for k in range(rounds)]
+    n_records = len(setup.records)
+    rounds = max(1, min(args.rounds, n_records)) if args.against == "reference" else 1
+    slices = [list(range(n_records))[k::rounds] for k in range(rounds)]
     last: dict[str, Path] = {}
+    cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for k in range(rounds):
             for run in names if k % 2 == 0 else list(reversed(names)):
                 st = stats[run]
-                if args.device.startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 cpu, start = time.process_time(), time.perf_counter()
-                with PeakRSS() as rss:
-                    if run == "reference":
-                        for i in slices[k]:
-                            ref_tokens[i], ref_memories[i] = reference_record(
-                                model, prompts[i], config.max_new_tokens, set(stops), picks, compression)
-                            st["tok"] += len(ref_tokens[i])
-                        st["rec"] += len(slices[k])
-                    else:
-                        extract, batch = run.split("@")
-                        out = tmp / f"{run}-{k}"
-                        if extract == "during_generation":
-                            job = build_in_one_pass(model, tokenizer, records, out / "bg", settings, config, stops,
-                                                    out / "bank", schema, compression, batch_size=int(batch),
-                                                    progress=not args.no_progress)
-                        else:
-                            job = generate_backgrounds(model, tokenizer, records, out / "bg", settings, config,
-                                                       stops, batch_size=int(batch), progress=not args.no_progress)
-                            build_memory_bank(model, BackgroundStore.open(out / "bg").read_all(), out / "bank",
-                                              schema, compression, batch_size=int(batch),
-                                              progress=not args.no_progress)
-                        st["rec"] += len(records)
-                        st["tok"] += job.tokens
-                        last[run] = out
-                    if args.device.startswith("cuda"):
-                        torch.cuda.synchronize()
+                indices = slices[k] if run == "reference" else list(range(n_records))
+                last[run] = tmp / f"{run}-{k}"
+                st["tok"] += setup.build(run, indices, last[run])
+                st["rec"] += len(indices)
+                if cuda:
+                    torch.cuda.synchronize()
+                    st["cuda"] = max(st["cuda"], torch.cuda.max_memory_allocated())
                 st["s"] += time.perf_counter() - start
                 st["cpu"] += time.process_time() - cpu
-                st["rss"] = max(st["rss"], rss.peak)
-                if args.device.startswith("cuda"):
-                    st["cuda"] = max(st["cuda"], torch.cuda.max_memory_allocated())
         rows = []
         first_tokens = None
         for run in names:
             st = stats[run]
+            # the reference's peak does not grow with the record count (one record's states at a time)
+            st["rss"] = probe_rss(name, run, min(n_records, 4) if run == "reference" else n_records, args)
             row = {"model": name, "run": run, "rec_s": st["rec"] / st["s"], "tok_s": st["tok"] / st["s"],
                    "rec_cpu": st["rec"] / st["cpu"], "tok_rec": st["tok"] / st["rec"], "rss": st["rss"],
-                   "cuda": st["cuda"], "default": run == f"{default[0]}@{default[1]}", "same": "", "agree": "", "diff": None,
-                   "bytes": None, "tensor": None, "floor": len(compression.layer_keys) * compression.slots * hidden * 2}
+                   "cuda": st["cuda"], "default": run == setup.default, "same": "", "agree": "", "diff": None,
+                   "bytes": None, "tensor": None,
+                   "floor": len(setup.compression.layer_keys) * setup.compression.slots * setup.hidden * 2}
             if run != "reference":
                 bank = MemoryBank.open(last[run] / "bank")
                 tokens = [b["token_ids"] for b in BackgroundStore.open(last[run] / "bg").read_all()]
-                want = [ref_tokens[i] for i in range(len(records))] if ref_tokens else first_tokens
+                want = [setup.ref_tokens[i] for i in range(n_records)] if setup.ref_tokens else first_tokens
                 first_tokens = first_tokens or tokens
                 if want is not None:
                     row["same"] = f"{sum(a == b for a, b in zip(tokens, want, strict=True)) / len(tokens):.0%}"
-                if ref_memories:
-                    ref = torch.stack([ref_memories[i] for i in range(len(records))])
-                    got = bank.memories()
-                    diff = (got - ref).abs()
+                if setup.ref_memories:
+                    ref = torch.stack([setup.ref_memories[i] for i in range(n_records)])
+                    diff = (bank.memories() - ref).abs()
                     row["diff"] = float(diff.max())
                     # float16 storage rounds |x| by up to 2^-11 |x|; beyond that the memories must agree to 1e-3
                     row["agree"] = "yes" if bool((diff <= 1e-3 + ref.abs() * 2.0**-11).all()) else "NO"
@@ -231,6 +234,14 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 row["tensor"] = sizes_b["safetensors"] / n
             rows.append(row)
     return rows
+
+
+def run_probe(args: argparse.Namespace) -> None:
+    """--probe: build the records with one configuration in this fresh process and print its peak RSS."""
+    setup = Setup(args.model[0], args)
+    with tempfile.TemporaryDirectory() as tmp:
+        setup.build(args.probe, list(range(len(setup.records))), Path(tmp) / "probe")
+    print(f"PEAK_RSS_BYTES={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
 
 
 def main() -> None:
@@ -255,10 +266,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one configuration's peak RSS
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.probe:
+        run_probe(args)
+        return
     rows = [row for name in args.model for row in bench_model(name, args)]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{args.records} records, max {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs, "
