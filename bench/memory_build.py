@@ -184,7 +184,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     stats = {n: {"s": 0.0, "cpu": 0.0, "rec": 0, "tok": 0, "rss": 0, "cuda": 0} for n in names}
     n_records = len(setup.records)
     rounds = max(1, min(args.rounds, n_records)) if args.against == "reference" else 1
-    slices = [list(range(n_records))[k::rounds] for k in range(rounds)]
+    n_ref = min(n_records, args.reference_records or n_records)
+    slices = [list(range(n_ref))[k::rounds] for k in range(rounds)]
     last: dict[str, Path] = {}
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,6 +206,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                     st["cuda"] = max(st["cuda"], torch.cuda.max_memory_allocated())
                 st["s"] += time.perf_counter() - start
                 st["cpu"] += time.process_time() - cpu
+                print(f"  round {k + 1}/{rounds} {run}: {len(indices)} records in {time.perf_counter() - start:.1f}s "
+                      f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
         rows = []
         first_tokens = None
         for run in names:
@@ -219,13 +222,15 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             if run != "reference":
                 bank = MemoryBank.open(last[run] / "bank")
                 tokens = [b["token_ids"] for b in BackgroundStore.open(last[run] / "bg").read_all()]
-                want = [setup.ref_tokens[i] for i in range(n_records)] if setup.ref_tokens else first_tokens
+                compared = sorted(setup.ref_tokens) or list(range(n_records))
+                want = [setup.ref_tokens[i] for i in compared] if setup.ref_tokens else first_tokens
                 first_tokens = first_tokens or tokens
                 if want is not None:
-                    row["same"] = f"{sum(a == b for a, b in zip(tokens, want, strict=True)) / len(tokens):.0%}"
+                    same = sum(tokens[i] == w for i, w in zip(compared, want, strict=True))
+                    row["same"] = f"{same}/{len(compared)}"
                 if setup.ref_memories:
-                    ref = torch.stack([setup.ref_memories[i] for i in range(n_records)])
-                    diff = (bank.memories() - ref).abs()
+                    ref = torch.stack([setup.ref_memories[i] for i in compared])
+                    diff = (bank.memories()[compared] - ref).abs()
                     row["diff"] = float(diff.max())
                     # float16 storage rounds |x| by up to 2^-11 |x|; beyond that the memories must agree to 1e-3
                     row["agree"] = "yes" if bool((diff <= 1e-3 + ref.abs() * 2.0**-11).all()) else "NO"
@@ -256,6 +261,9 @@ def main() -> None:
     parser.add_argument("--against", choices=["reference"], default=None,
                         help="also run the reference's batch-1 builder (METHOD.md section 8) and compare")
     parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds with --against reference")
+    parser.add_argument("--reference-records", type=int, default=None,
+                        help="the reference builds only the first N records (default: all; its records/s and the "
+                             "agreement are measured on those)")
     parser.add_argument("--extract", nargs="+", choices=["during_generation", "teacher_forced"], default=None,
                         help="default: the preset's memory.extract")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,

@@ -100,3 +100,18 @@ def test_sampling_is_refused(tmp_path, expert, records, stops) -> None:
     with pytest.raises(GAGError, match="teacher_forced"):
         build_in_one_pass(model, tokenizer, records, tmp_path / "bg", settings(stops), replace(CONFIG, do_sample=True),
                           stops, tmp_path / "m", None, COMPRESSION)  # type: ignore[arg-type]
+
+
+def test_extract_keys_the_memory_artifact_only_when_it_is_not_teacher_forced(compose_cfg) -> None:
+    from gag_lightning.pipeline.keys import artifact_dir, stage_key
+
+    one = compose_cfg(["experiment=smoke"])
+    assert one.memory.extract == "during_generation"  # the default: backgrounds and memories in one pass
+    two = compose_cfg(["experiment=smoke", "memory.extract=teacher_forced"])
+    assert "extract" not in stage_key(two, "memory")  # a teacher-forced key is what it was before the option
+    assert stage_key(one, "memory") == {**stage_key(two, "memory"), "extract": "during_generation"}
+    assert artifact_dir(one, "memory") != artifact_dir(two, "memory")
+    assert artifact_dir(one, "backgrounds") == artifact_dir(two, "backgrounds")  # the same backgrounds either way
+    # the memory stage's own batch size, 64 on the CPU preset; evaluation keeps hardware.generation_batch_size
+    assert one.memory.generation.batch_size == one.hardware.memory_batch_size
+    assert one.eval.decoding.batch_size == one.hardware.generation_batch_size

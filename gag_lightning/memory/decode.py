@@ -4,9 +4,11 @@ The memory stage decodes thousands of backgrounds with one expert and one prompt
 `generate` restarts per call, so a batcher built on it either waits for its slowest row or pays a restart
 (and Python work per row) each time rows are swapped. This decoder owns the loop instead:
 
-* `batch_size` rows are in flight at all times while prompts remain; a row that stops leaves at once and is
-  reported through `on_finish` (the caller streams it to its store), and new prompts are admitted in groups
-  (one prefill for several rows, the prompt prefix common to every record encoded once and its KV cache reused).
+* `batch_size` rows are in flight at all times while prompts remain; a row that stops is reported at once through
+  `on_finish` (the caller streams it to its store) and leaves the batch at the next compaction, which drops several
+  finished rows in one copy of the KV cache (batch_size // 8 of them, or when new prompts come in); new prompts
+  are admitted in groups (one prefill for several rows, the prompt prefix common to every record encoded once and
+  its KV cache reused).
 * the per-step bookkeeping (next token, stop test, lengths, which rows are done) is a handful of tensor ops over
   the batch; Python only runs per row when a row finishes or is admitted.
 * with `capture` (hidden-state indices as in `output_hidden_states`), the states of those layers at the position
@@ -87,6 +89,8 @@ class StreamingDecoder:
         self.capture = [int(i) for i in capture]
         self.pad_id = int(pad_id)
         self.refill = max(1, int(refill) if refill is not None else self.width // 4)
+        # finished rows ride along (a wasted row of compute each) until this many can leave in one cache copy
+        self.compact = max(1, self.width // 8)
         self.device = next(model.parameters()).device
         self.stops = torch.tensor(sorted({int(s) for s in stop_ids}), device=self.device)
         params = inspect.signature(model.forward).parameters
@@ -156,8 +160,29 @@ class StreamingDecoder:
         cache: Any = None
         mask = torch.zeros((0, 0), dtype=torch.long, device=dev)
         last = torch.zeros(0, dtype=torch.long, device=dev)
-        while queue or rows:
-            if queue and (len(free) >= self.refill or not rows):
+        alive = torch.zeros(0, dtype=torch.bool, device=dev)  # False: reported, riding along until compaction
+        dead = 0
+        while queue or dead < len(rows):
+            if dead and (dead == len(rows) or dead >= self.compact or (queue and len(free) + dead >= self.refill)):
+                # drop the reported rows in one copy of the cache (not one copy per finishing step), free their
+                # slots, and trim cache columns no row uses any more
+                keep = alive.nonzero().flatten()
+                free += slot[~alive].tolist()
+                rows = [rows[j] for j in keep.tolist()]
+                dead = 0
+                if not rows:
+                    cache, mask = None, mask[:0]
+                    slot, count, last, alive = slot[:0], count[:0], last[:0], alive[:0]
+                else:
+                    cache.batch_select_indices(keep)
+                    mask, slot, count, last, alive = mask[keep], slot[keep], count[keep], last[keep], alive[keep]
+                    used = mask.any(dim=0).nonzero()
+                    start = int(used[0]) if len(used) else 0
+                    if start:
+                        mask = mask[:, start:]
+                        for layer in dynamic_layers(cache) or []:
+                            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            if queue and not dead and (len(free) >= self.refill or not rows):
                 take = min(len(free), len(queue))
                 new, queue = queue[:take], queue[take:]
                 new_slots, free = free[:take], free[take:]
@@ -170,6 +195,9 @@ class StreamingDecoder:
                 slot = torch.cat([slot, torch.tensor(new_slots, dtype=torch.long, device=dev)])
                 count = torch.cat([count, torch.zeros(len(new), dtype=torch.long, device=dev)])
                 last = torch.cat([last, l_new])
+                alive = torch.cat([alive, torch.ones(len(new), dtype=torch.bool, device=dev)])
+            if not rows:
+                continue
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             out = self._forward(last[:, None], mask, cache, capture)
             cache = _cache_of(out)
@@ -177,50 +205,38 @@ class StreamingDecoder:
             if capture:
                 hidden = out.hidden_states
                 states = torch.stack([hidden[i][:, -1] for i in self.capture], dim=1)  # [B, K, H]
+                del hidden
                 if buffer is None:
                     buffer = states.new_zeros((width, len(self.capture), max_new, states.shape[-1]))
                 # the input of this step is generated token count-1 (count 0: the last prompt token, overwritten
                 # at index 0 by the next step)
                 buffer[slot, :, (count - 1).clamp(min=0)] = states
             nxt = out.logits[:, -1].argmax(dim=-1)
-            producing = count < max_new  # False: a row cut by max_new_tokens whose last token was just fed
+            del out  # its logits and hidden states would otherwise live through the next forward
+            producing = alive & (count < max_new)  # alive and not: a row cut by max_new whose last token was fed
             at = count.clamp(max=max_new - 1)
             tokens[slot, at] = torch.where(producing, nxt, tokens[slot, at])
             stopped = producing & torch.isin(nxt, self.stops)
             count = count + producing.long()
-            done = stopped | ~producing if capture else stopped | (count >= max_new)
+            done = stopped | (alive & ~producing) if capture else stopped | (producing & (count >= max_new))
             last = nxt
             if not bool(done.any()):
                 continue
-            # rows leave: report them, free their slots, compact the batch and trim unused cache columns
+            # rows finish: report them now (the caller streams them to its store); they leave at the next compaction
             lengths = (count - stopped.long()).tolist()
             done_rows = done.nonzero().flatten()
             done_list = done_rows.tolist()
             stopped_list = stopped.tolist()
-            done_slots = slot[done_rows]
             ended = [Finished(rows[j], tokens[slot[j], :lengths[j]].tolist(), bool(stopped_list[j]))
                      for j in done_list]
             states_out = None
             if capture and buffer is not None:
-                longest = max(lengths[j] for j in done_list)
+                longest = max(1, max(lengths[j] for j in done_list))
+                done_slots = slot[done_rows]
                 states_out = [buffer[done_slots, k, :longest] for k in range(len(self.capture))]
             on_finish(ended, states_out)
-            free += done_slots.tolist()
-            keep = (~done).nonzero().flatten()
-            rows = [rows[j] for j in keep.tolist()]
-            if not rows:
-                cache, mask = None, mask[:0]
-                slot, count, last = slot[:0], count[:0], last[:0]
-                continue
-            if len(keep) < len(done):
-                cache.batch_select_indices(keep)
-                mask, slot, count, last = mask[keep], slot[keep], count[keep], last[keep]
-            used = mask.any(dim=0).nonzero()
-            start = int(used[0]) if len(used) else 0
-            if start:
-                mask = mask[:, start:]
-                for layer in dynamic_layers(cache) or []:
-                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            alive = alive & ~done
+            dead += len(done_list)
 
 
 def _merge(cache: Any, mask: Tensor, c_new: Any, m_new: Tensor) -> tuple[Any, Tensor]:
