@@ -32,7 +32,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import inspect  # noqa: E402
 import logging  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -246,7 +245,11 @@ def run_probe(args: argparse.Namespace) -> None:
     setup = Setup(args.model[0], args)
     with tempfile.TemporaryDirectory() as tmp:
         setup.build(args.probe, list(range(len(setup.records))), Path(tmp) / "probe")
-    print(f"PEAK_RSS_BYTES={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's
+    # RSS at fork time whenever that is higher
+    with open("/proc/self/status") as handle:
+        peak = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+    print(f"PEAK_RSS_BYTES={peak}")
 
 
 def main() -> None:
