@@ -51,6 +51,7 @@ RUNTIME_ONLY: dict[str, str] = {
     "hardware.name": "a label",
     "*.num_workers": "data-loading processes",
     "hardware.generation_batch_size": "inference batch size (generation, compression, scoring)",
+    "hardware.memory_batch_size": "the memory stage's decoding batch size",
     "memory.generation.batch_size": "inference batch size",
     "memory.compression.batch_size": "inference batch size",
     "memory.compression.shard_size": "records per bank file (the resume granularity)",
@@ -333,6 +334,8 @@ def _stage_key(cfg: DictConfig, stage: str, memo: dict[str, Any]) -> dict[str, A
             key["seed"] = cfg.seed
     elif stage == "memory":
         key["upstream"] = _upstream_hash(cfg, "backgrounds", memo)
+        if str(cfg.memory.get("extract") or "teacher_forced") != "teacher_forced":  # teacher_forced keys as before
+            key["extract"] = str(cfg.memory.extract)
     elif stage == "gag":
         _gag_key(cfg, key, memo)
     elif stage == "lora":

@@ -8,7 +8,8 @@ Layout (both folders keyed by the hash of everything that determines them, see `
     <artifacts>/<model>/<domain>/memory-<hash>/manifest.json
 
 The memory key includes the backgrounds key, so another S / pooling / layer set gets a new memory
-folder and reuses the backgrounds. Every step runs as a job (`open / run_batch / close`) inside
+folder and reuses the backgrounds (`memory.extract=teacher_forced`: a second, teacher-forced pass over them);
+`memory.extract=during_generation` (the default) writes both stores from one decoding pass. Every step runs as a job (`open / run_batch / close`) inside
 `trainer.predict`: on one device that is a plain loop; under DDP each rank takes a round-robin share
 of the pending records (no padding duplicates), writes its own files, and the readers merge them by
 record index. Manifests are written last, by rank 0, after all ranks have finished.
@@ -27,11 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
-from gag_lightning.data.records import QARecord, read_qa
+from gag_lightning.data.records import read_qa
 from gag_lightning.errors import GAGError, SchemaMismatchError
 from gag_lightning.memory.background import BackgroundConfig, BackgroundJob, background_settings
-from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBank, MemorySchema
+from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBank
 from gag_lightning.memory.extract import CompressionConfig, MemoryJob
+from gag_lightning.memory.files import settings_fingerprint
+from gag_lightning.memory.metrics import background_metrics, bank_metrics
+from gag_lightning.memory.onepass import EXTRACT_MODES, OnePassJob
+from gag_lightning.memory.schema import memory_schema
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
 from gag_lightning.pipeline.expert import sft_expert_path
 from gag_lightning.pipeline.keys import (
@@ -225,75 +230,7 @@ def _generation_config(expert_path: Path) -> Any:
         return None
 
 
-def memory_schema(expert_fingerprint: str, hidden_size: int, compression: CompressionConfig,
-                  background_fingerprint: str) -> MemorySchema:
-    return MemorySchema(expert_fingerprint=expert_fingerprint, layer_keys=list(compression.layer_keys),
-                        slots=int(compression.slots), hidden_size=hidden_size, pooling=compression.pooling,
-                        temperature=float(compression.temperature), dtype=compression.dtype,
-                        background_fingerprint=background_fingerprint)
-
-
 # --------------------------------------------------------------------------- metrics
-
-
-def _background_metrics(store: BackgroundStore, records: list[QARecord], generated_before: set[int],
-                        seconds: float | None) -> dict[str, Any]:
-    wanted = {r.index for r in records}
-    rows = [r for r in store.read_all() if r["index"] in wanted]
-    missing = sorted(wanted - {r["index"] for r in rows})
-    if missing:
-        raise GAGError(f"background store {store.folder} lacks {len(missing)} record(s) (e.g. index {missing[0]}) "
-                       "after generation; rerun the stage to finish it")
-    lengths = [len(r["token_ids"]) for r in rows]
-    new = [r for r in rows if r["index"] not in generated_before]
-    out: dict[str, Any] = {
-        "records": len(rows),
-        "empty_questions": sum(1 for r in records if not r.question.strip()),
-        "empty_backgrounds": sum(1 for n in lengths if n == 0),
-        "finished_fraction": sum(1 for r in rows if r["finished"]) / len(rows),
-        "mean_generated_tokens": sum(lengths) / len(rows),
-        "generated_this_run": len(new),
-    }
-    if seconds and new:
-        out["records_per_s"] = len(new) / seconds
-        out["tokens_per_s"] = sum(len(r["token_ids"]) for r in new) / seconds
-    return out
-
-
-def _bank_metrics(bank: MemoryBank, records: list[QARecord], made_before: set[int], seconds: float | None,
-                  backgrounds: list[dict[str, Any]]) -> dict[str, Any]:
-    indices = bank.indices()
-    wanted = sorted(r.index for r in records)
-    if indices != wanted:
-        missing = sorted(set(wanted) - set(indices))
-        raise GAGError(f"memory bank {bank.folder} holds {len(indices)} records, expected {len(wanted)} "
-                       f"(missing e.g. {missing[:5]}); rerun the stage to finish it")
-    sizes = {"safetensors": 0, "jsonl": 0, "json": 0}
-    for path in bank.folder.iterdir():
-        suffix = path.suffix.lstrip(".")
-        if path.is_file() and suffix in sizes and path.name != MANIFEST:
-            sizes[suffix] += path.stat().st_size
-    n = len(indices)
-    k, s, h = bank.schema.shape
-    itemsize = STORAGE_DTYPES[bank.schema.dtype].itemsize
-    new = n - len(made_before & set(wanted))
-    tokens = sum(len(b["token_ids"]) for b in backgrounds if b["index"] not in made_before)
-    lengths = [len(b["token_ids"]) for b in backgrounds]
-    out: dict[str, Any] = {
-        "records": n,
-        "empty_questions": sum(1 for r in records if not r.question.strip()),
-        "empty_backgrounds": sum(1 for x in lengths if x == 0),
-        "mean_generated_tokens": sum(lengths) / max(len(lengths), 1),
-        "bytes_per_record": sum(sizes.values()) / n,
-        "tensor_bytes_per_record": sizes["safetensors"] / n,
-        "metadata_bytes_per_record": (sizes["jsonl"] + sizes["json"]) / n,
-        "memory_floor_bytes_per_record": k * s * h * itemsize,
-        "extracted_this_run": new,
-    }
-    if seconds and new:
-        out["records_per_s"] = new / seconds
-        out["tokens_per_s"] = tokens / seconds
-    return out
 
 
 def _flatten(per_split: dict[str, dict[str, Any]], prefix: str = "") -> dict[str, Any]:
@@ -335,21 +272,42 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
                                            model_dtype=model_dtype)
                 for split, path in files.items()}
     progress = bool(cfg.memory.get("progress", True))
+    extract = str(cfg.memory.get("extract") or "teacher_forced")
+    if extract not in EXTRACT_MODES:
+        raise GAGError(f"memory.extract={extract}: choose one of {', '.join(EXTRACT_MODES)}")
     runner = _Runner(cfg, expert_path, model_dtype)
     log.info("[memory] expert %s (%s); backgrounds -> %s; memory -> %s", expert_path, expert_fp, bg_root, mem_root)
 
-    # step 1: backgrounds
-    if bg_manifest is None:
-        bg_metrics: dict[str, dict[str, Any]] = {}
+    hidden_size = _hidden_size(expert_path)
+    batch_size = int(cfg.memory.generation.batch_size)
+    bg_metrics: dict[str, dict[str, Any]] = {}
+    mem_metrics: dict[str, dict[str, Any]] = {}
+    if extract == "during_generation":  # backgrounds and memories out of one decoding pass (memory/onepass.py)
         for split in files:
-            job = BackgroundJob(tokenizer, records[split], bg_root / split, settings[split], bg_config, stop_ids,
-                                batch_size=int(cfg.memory.generation.batch_size), progress=progress,
-                                desc=f"backgrounds[{split}]")
+            schema = memory_schema(expert_fp, hidden_size, compression, settings_fingerprint(settings[split]))
+            job = OnePassJob(tokenizer, records[split], bg_root / split, settings[split], bg_config, stop_ids,
+                             mem_root / split, schema, compression, batch_size=batch_size,
+                             shard_size=int(cfg.memory.compression.shard_size), progress=progress,
+                             desc=f"memories[{split}]")
             _, seconds = runner.run(job)
             if runner.is_global_zero:
                 store = BackgroundStore.open(bg_root / split, expect=settings[split])
-                bg_metrics[split] = _background_metrics(store, records[split], job.done_at_open, seconds)
+                bg_metrics[split] = background_metrics(store, records[split], job.bg_done_at_open, seconds)
+                wanted = {r.index for r in records[split]}
+                backgrounds = [b for b in store.read_all() if b["index"] in wanted]
+                mem_metrics[split] = bank_metrics(MemoryBank.open(mem_root / split), records[split],
+                                                  job.done_at_open, seconds, backgrounds)
+                log.info("[memory] memories[%s] (one pass): %s", split, _fmt(mem_metrics[split]))
+    elif bg_manifest is None:  # step 1 of teacher_forced: backgrounds
+        for split in files:
+            job = BackgroundJob(tokenizer, records[split], bg_root / split, settings[split], bg_config, stop_ids,
+                                batch_size=batch_size, progress=progress, desc=f"backgrounds[{split}]")
+            _, seconds = runner.run(job)
+            if runner.is_global_zero:
+                store = BackgroundStore.open(bg_root / split, expect=settings[split])
+                bg_metrics[split] = background_metrics(store, records[split], job.done_at_open, seconds)
                 log.info("[memory] backgrounds[%s]: %s", split, _fmt(bg_metrics[split]))
+    if bg_manifest is None:
         if runner.is_global_zero:
             write_manifest(bg_root, "backgrounds", config=stage_key(cfg, "backgrounds"),
                            inputs=_inputs(expert_path, expert_fp, files), metrics=_flatten(bg_metrics),
@@ -362,30 +320,28 @@ def run_memory(cfg: DictConfig) -> dict[str, Any]:
             BackgroundStore.open(bg_root / split, expect=settings[split])
         bg_flat = dict(bg_manifest["metrics"])
 
-    # step 2: memory banks
-    hidden_size = _hidden_size(expert_path)
-    mem_metrics: dict[str, dict[str, Any]] = {}
-    for split in files:
-        store = BackgroundStore.open(bg_root / split, expect=settings[split])
-        wanted = {r.index for r in records[split]}
-        backgrounds = [b for b in store.read_all() if b["index"] in wanted]
-        schema = memory_schema(expert_fp, hidden_size, compression, store.fingerprint)
-        job = MemoryJob(backgrounds, mem_root / split, schema, compression,
-                        batch_size=int(cfg.memory.compression.batch_size),
-                        shard_size=int(cfg.memory.compression.shard_size),
-                        progress=progress, desc=f"memories[{split}]")
-        _, seconds = runner.run(job)
-        if runner.is_global_zero:
-            bank = MemoryBank.open(mem_root / split)
-            mem_metrics[split] = _bank_metrics(bank, records[split], job.done_at_open, seconds, backgrounds)
-            log.info("[memory] memories[%s]: %s", split, _fmt(mem_metrics[split]))
+    if extract == "teacher_forced":  # step 2: a teacher-forced pass over the stored backgrounds
+        for split in files:
+            store = BackgroundStore.open(bg_root / split, expect=settings[split])
+            wanted = {r.index for r in records[split]}
+            backgrounds = [b for b in store.read_all() if b["index"] in wanted]
+            schema = memory_schema(expert_fp, hidden_size, compression, store.fingerprint)
+            job = MemoryJob(backgrounds, mem_root / split, schema, compression,
+                            batch_size=int(cfg.memory.compression.batch_size),
+                            shard_size=int(cfg.memory.compression.shard_size),
+                            progress=progress, desc=f"memories[{split}]")
+            _, seconds = runner.run(job)
+            if runner.is_global_zero:
+                bank = MemoryBank.open(mem_root / split)
+                mem_metrics[split] = bank_metrics(bank, records[split], job.done_at_open, seconds, backgrounds)
+                log.info("[memory] memories[%s]: %s", split, _fmt(mem_metrics[split]))
     metrics = _flatten(mem_metrics)
     if runner.is_global_zero:
         write_manifest(mem_root, "memory", config=stage_key(cfg, "memory"),
                        inputs={**_inputs(expert_path, expert_fp, files), "backgrounds": str(bg_root)},
                        metrics=metrics,
                        extra={"schema": {s: MemoryBank.open(mem_root / s).schema.to_dict() for s in files},
-                              "splits": list(files), "run_dir": str(cfg.paths.output_dir)})
+                              "splits": list(files), "run_dir": str(cfg.paths.output_dir), "extract": extract})
         log.info("[memory] done: %s (%s written last)", mem_root, MANIFEST)
     runner.barrier("memory-manifest")
     return {"artifact": str(mem_root), "backgrounds": str(bg_root), **_flatten_prefixed(bg_flat, "backgrounds/"),

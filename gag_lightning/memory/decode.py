@@ -1,0 +1,262 @@
+"""A streaming greedy decoder for the memory stage: continuous batching with no drains, optional state capture.
+
+The memory stage decodes thousands of backgrounds with one expert and one prompt template. Hugging Face
+`generate` restarts per call, so a batcher built on it either waits for its slowest row or pays a restart
+(and Python work per row) each time rows are swapped. This decoder owns the loop instead:
+
+* `batch_size` rows are in flight at all times while prompts remain; a row that stops is reported at once through
+  `on_finish` (the caller streams it to its store) and leaves the batch at the next compaction, which drops several
+  finished rows in one copy of the KV cache (batch_size // 8 of them, or when new prompts come in); new prompts
+  are admitted in groups (one prefill for several rows, the prompt prefix common to every record encoded once and
+  its KV cache reused).
+* the per-step bookkeeping (next token, stop test, lengths, which rows are done) is a handful of tensor ops over
+  the batch; Python only runs per row when a row finishes or is admitted.
+* with `capture` (hidden-state indices as in `output_hidden_states`), the states of those layers at the position
+  where each generated token is the input are written into a per-slot buffer [slots, K, max_new, H] while
+  decoding: only the configured layers, only the generated positions, nothing per step kept beyond that. A row
+  cut by `max_new_tokens` rides one more step so its last token is fed too (the teacher-forced pass reads that
+  position as well). The buffer of a finished row goes to the compressor and its slot is reused.
+
+Rows of different lengths share one KV cache, aligned by left padding (zeros in the cache, 0 in the attention
+mask); positions are counted on the mask, so a row computes what it would alone, up to float rounding. Leading
+columns no row uses any more are trimmed whenever rows leave. Greedy only: sampling keeps the project's
+`generate_batched` path (eval.generation), whose per-batch seeding a stream cannot reproduce.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Finished", "StreamingDecoder", "dynamic_layers"]
+
+
+@dataclass
+class Finished:
+    """One decoded row: its record index, generated tokens (stop excluded) and whether a stop token ended it."""
+
+    index: int
+    token_ids: list[int]
+    finished: bool
+
+
+#: Called with the rows that finished in one step, and their captured states per layer: a list of K tensors
+#: [n, T, H] (row r uses positions 0 .. len(token_ids[r]) - 1), or None without capture.
+FinishHook = Callable[[list[Finished], list[Tensor] | None], None]
+
+
+def dynamic_layers(cache: Any) -> list[Any] | None:
+    """The per-layer (keys, values) holders of a plain dynamic KV cache, or None for any other cache type."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    return list(layers)
+
+
+def _cache_of(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+class StreamingDecoder:
+    """Greedy continuous-batching decoder over a fixed set of prompts (see the module docstring).
+
+    `prompts` maps a record index to its prompt token ids (each at least 2 tokens long). `capture` lists hidden
+    state indices (`compression.layer_indices`), in the order the compressor wants them, or is empty.
+    `refill` is how many free slots trigger an admission while prompts remain (default batch_size // 4: one
+    prefill for several rows costs about what one costs, and a stopped row waiting a few steps costs little).
+    """
+
+    def __init__(self, model: Any, prompts: dict[int, Sequence[int]], stop_ids: Sequence[int], max_new_tokens: int,
+                 batch_size: int, capture: Sequence[int] = (), share_prefix: bool = True, pad_id: int = 0,
+                 refill: int | None = None) -> None:
+        if not stop_ids:
+            raise ValueError("stop_ids is empty: the decoder would never stop")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+        short = [i for i, p in prompts.items() if len(p) < 2]
+        if short:
+            raise ValueError(f"prompt(s) of record(s) {short[:5]} have fewer than 2 tokens")
+        self.model = model
+        self.prompts = {int(i): [int(t) for t in p] for i, p in prompts.items()}
+        self.max_new = int(max_new_tokens)
+        self.width = int(batch_size)
+        self.capture = [int(i) for i in capture]
+        self.pad_id = int(pad_id)
+        self.refill = max(1, int(refill) if refill is not None else self.width // 4)
+        # finished rows ride along (a wasted row of compute each) until this many can leave in one cache copy
+        self.compact = max(1, self.width // 8)
+        self.device = next(model.parameters()).device
+        self.stops = torch.tensor(sorted({int(s) for s in stop_ids}), device=self.device)
+        params = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
+        self.prefix = 0
+        if share_prefix and len(self.prompts) > 1:
+            from gag_lightning.eval.generation import shared_prefix_len
+
+            self.prefix = shared_prefix_len([p[:-1] for p in self.prompts.values()])
+        self._prefix_cache: Any = None
+        self.steps = 0  # decoding steps run (a profile's denominator)
+
+    # ------------------------------------------------------------------ model calls
+
+    def _forward(self, ids: Tensor, mask: Tensor, cache: Any, hidden: bool) -> Any:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        kw = {self.cache_name: cache} if cache is not None else {}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, output_hidden_states=hidden, return_dict=True, **kw)
+
+    def _admit(self, rows: list[int]) -> tuple[Any, Tensor, Tensor]:
+        """KV cache and mask of all but the last prompt token of new rows ([prefix | padding | own]), and their
+        last prompt token (the first input of their decoding)."""
+        p = self.prefix
+        rests = [self.prompts[r][p:-1] for r in rows]
+        width = max(len(r) for r in rests)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        for k, rest in enumerate(rests):
+            if rest:
+                ids[k, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+                mask[k, p + width - len(rest):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = None
+        if p:
+            if self._prefix_cache is None:
+                first = self.prompts[rows[0]][:p]
+                head = torch.tensor([first], device=self.device)
+                self._prefix_cache = _cache_of(self._forward(head, torch.ones_like(head), None, False))
+                if dynamic_layers(self._prefix_cache) is None:
+                    raise TypeError(f"{type(self.model).__name__} keeps a {type(self._prefix_cache).__name__}; the "
+                                    "streaming decoder needs a plain dynamic KV cache (use memory.extract="
+                                    "teacher_forced)")
+            cache = copy.deepcopy(self._prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+        if width:
+            cache = _cache_of(self._forward(ids, mask, cache, False))
+        last = torch.tensor([self.prompts[r][-1] for r in rows], dtype=torch.long, device=self.device)
+        return cache, mask, last
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def run(self, order: Sequence[int], on_finish: FinishHook) -> None:
+        """Decode the prompts of `order` (admitted in that order) until every row has finished."""
+        queue = [int(i) for i in order]
+        if not queue:
+            return
+        dev, width, max_new, capture = self.device, self.width, self.max_new, bool(self.capture)
+        tokens = torch.zeros((width, max_new), dtype=torch.long, device=dev)  # per slot
+        buffer: Tensor | None = None  # [slots, K, max_new, H], allocated on the first captured step
+        free = list(range(width))  # slots not in use
+        rows: list[int] = []  # record index per batch row
+        slot = torch.zeros(0, dtype=torch.long, device=dev)  # slot per batch row
+        count = torch.zeros(0, dtype=torch.long, device=dev)  # tokens generated per batch row
+        cache: Any = None
+        mask = torch.zeros((0, 0), dtype=torch.long, device=dev)
+        last = torch.zeros(0, dtype=torch.long, device=dev)
+        alive = torch.zeros(0, dtype=torch.bool, device=dev)  # False: reported, riding along until compaction
+        dead = 0
+        while queue or dead < len(rows):
+            if dead and (dead == len(rows) or dead >= self.compact or (queue and len(free) + dead >= self.refill)):
+                # drop the reported rows in one copy of the cache (not one copy per finishing step), free their
+                # slots, and trim cache columns no row uses any more
+                keep = alive.nonzero().flatten()
+                free += slot[~alive].tolist()
+                rows = [rows[j] for j in keep.tolist()]
+                dead = 0
+                if not rows:
+                    cache, mask = None, mask[:0]
+                    slot, count, last, alive = slot[:0], count[:0], last[:0], alive[:0]
+                else:
+                    cache.batch_select_indices(keep)
+                    mask, slot, count, last, alive = mask[keep], slot[keep], count[keep], last[keep], alive[keep]
+                    used = mask.any(dim=0).nonzero()
+                    start = int(used[0]) if len(used) else 0
+                    if start:
+                        mask = mask[:, start:]
+                        for layer in dynamic_layers(cache) or []:
+                            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            if queue and not dead and (len(free) >= self.refill or not rows):
+                take = min(len(free), len(queue))
+                new, queue = queue[:take], queue[take:]
+                new_slots, free = free[:take], free[take:]
+                c_new, m_new, l_new = self._admit(new)
+                if rows:
+                    cache, mask = _merge(cache, mask, c_new, m_new)
+                else:
+                    cache, mask = c_new, m_new
+                rows += new
+                slot = torch.cat([slot, torch.tensor(new_slots, dtype=torch.long, device=dev)])
+                count = torch.cat([count, torch.zeros(len(new), dtype=torch.long, device=dev)])
+                last = torch.cat([last, l_new])
+                alive = torch.cat([alive, torch.ones(len(new), dtype=torch.bool, device=dev)])
+            if not rows:
+                continue
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            out = self._forward(last[:, None], mask, cache, capture)
+            cache = _cache_of(out)
+            self.steps += 1
+            if capture:
+                hidden = out.hidden_states
+                states = torch.stack([hidden[i][:, -1] for i in self.capture], dim=1)  # [B, K, H]
+                del hidden
+                if buffer is None:
+                    buffer = states.new_zeros((width, len(self.capture), max_new, states.shape[-1]))
+                # the input of this step is generated token count-1 (count 0: the last prompt token, overwritten
+                # at index 0 by the next step)
+                buffer[slot, :, (count - 1).clamp(min=0)] = states
+            nxt = out.logits[:, -1].argmax(dim=-1)
+            del out  # its logits and hidden states would otherwise live through the next forward
+            producing = alive & (count < max_new)  # alive and not: a row cut by max_new whose last token was fed
+            at = count.clamp(max=max_new - 1)
+            tokens[slot, at] = torch.where(producing, nxt, tokens[slot, at])
+            stopped = producing & torch.isin(nxt, self.stops)
+            count = count + producing.long()
+            done = stopped | (alive & ~producing) if capture else stopped | (producing & (count >= max_new))
+            last = nxt
+            if not bool(done.any()):
+                continue
+            # rows finish: report them now (the caller streams them to its store); they leave at the next compaction
+            lengths = (count - stopped.long()).tolist()
+            done_rows = done.nonzero().flatten()
+            done_list = done_rows.tolist()
+            stopped_list = stopped.tolist()
+            ended = [Finished(rows[j], tokens[slot[j], :lengths[j]].tolist(), bool(stopped_list[j]))
+                     for j in done_list]
+            states_out = None
+            if capture and buffer is not None:
+                longest = max(1, max(lengths[j] for j in done_list))
+                done_slots = slot[done_rows]
+                states_out = [buffer[done_slots, k, :longest] for k in range(len(self.capture))]
+            on_finish(ended, states_out)
+            alive = alive & ~done
+            dead += len(done_list)
+
+
+def _merge(cache: Any, mask: Tensor, c_new: Any, m_new: Tensor) -> tuple[Any, Tensor]:
+    """Append new rows to the batch: left-pad the shorter of the two caches (and masks) to a common width."""
+    old_layers, new_layers = dynamic_layers(cache), dynamic_layers(c_new)
+    if old_layers is None or new_layers is None:
+        raise TypeError("the streaming decoder needs a plain dynamic KV cache (use memory.extract=teacher_forced)")
+    target = max(mask.shape[1], m_new.shape[1])
+    for old, add in zip(old_layers, new_layers, strict=True):
+        old.keys = torch.cat([_pad_cols(old.keys, target), _pad_cols(add.keys, target)])
+        old.values = torch.cat([_pad_cols(old.values, target), _pad_cols(add.values, target)])
+    return cache, torch.cat([_pad_mask(mask, target), _pad_mask(m_new, target)])
+
+
+def _pad_cols(t: Tensor, target: int) -> Tensor:
+    """[B, heads, W, d] -> [B, heads, target, d] with zeros on the left."""
+    n = target - t.shape[2]
+    return t if n <= 0 else torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
+
+
+def _pad_mask(m: Tensor, target: int) -> Tensor:
+    n = target - m.shape[1]
+    return m if n <= 0 else torch.cat([m.new_zeros((m.shape[0], n)), m], dim=1)
