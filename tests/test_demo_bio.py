@@ -68,7 +68,7 @@ def test_three_route_online_set_and_pools() -> None:
 def test_demo_bio_preset_composes(compose_cfg, model) -> None:
     from pathlib import Path
 
-    from gag_lightning.pipeline.keys import memory_splits
+    from gag_lightning.keys import memory_splits
 
     cfg = compose_cfg(["domain=demo_bio", f"model={model}"])
     assert cfg.domain.name == "demo_bio" and list(cfg.domain.dataset_names) == ["demo_bio"]

@@ -103,7 +103,7 @@ def test_sampling_is_refused(tmp_path, expert, records, stops) -> None:
 
 
 def test_extract_keys_the_memory_artifact_only_when_it_is_not_teacher_forced(compose_cfg) -> None:
-    from gag_lightning.pipeline.keys import artifact_dir, stage_key
+    from gag_lightning.keys import artifact_dir, stage_key
 
     one = compose_cfg(["experiment=smoke"])
     assert one.memory.extract == "during_generation"  # the default: backgrounds and memories in one pass

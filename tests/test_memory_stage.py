@@ -405,7 +405,7 @@ def test_memory_stage_end_to_end_and_under_ddp(tmp_path) -> None:
 def test_max_records_caps_each_split_and_keys_the_artifacts(compose_cfg) -> None:
     from gag_lightning.errors import GAGError
     from gag_lightning.keys import artifact_dir
-    from gag_lightning.pipeline.memory import split_limits
+    from gag_lightning.stages.memory.runner import split_limits
 
     full = compose_cfg(["experiment=smoke"])
     assert split_limits(full, ["train", "test"]) == {"train": None, "test": None}

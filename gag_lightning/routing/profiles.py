@@ -299,7 +299,7 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
     elif memory_inputs.get("expert"):
         expert_dir, sources["expert"] = Path(str(memory_inputs["expert"])), "memory manifest"
     elif rcfg is not None:
-        from gag_lightning.pipeline.memory import memory_expert_path
+        from gag_lightning.stages.memory.runner import memory_expert_path
 
         expert_dir, sources["expert"] = memory_expert_path(rcfg), str(preset_label)
     else:

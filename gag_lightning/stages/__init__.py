@@ -12,11 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def _registry() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
-    from gag_lightning.pipeline.memory import run_memory
     from gag_lightning.stages.eval.runner import run_eval
     from gag_lightning.stages.expert.runner import run_dapt, run_sft
     from gag_lightning.stages.gag.runner import run_gag
     from gag_lightning.stages.lora.runner import run_lora
+    from gag_lightning.stages.memory.runner import run_memory
 
     return {"dapt": run_dapt, "sft": run_sft, "memory": run_memory, "gag": run_gag, "lora": run_lora,
             "eval": run_eval}

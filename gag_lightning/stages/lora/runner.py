@@ -43,7 +43,7 @@ LORA_CONFIG = "adapter_config.json"
 # ---------------------------------------------------------------------------------------------- records
 def record_selection(cfg: DictConfig) -> dict[str, Any]:
     """What decides the LoRA's training records, mirroring Stage III's data module (part of the artifact key)."""
-    from gag_lightning.pipeline.memory import split_limits
+    from gag_lightning.stages.memory.runner import split_limits
 
     gag = cfg.gag
     split = str(gag.get("train_split", "train"))

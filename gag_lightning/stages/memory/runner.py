@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader
 from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
 from gag_lightning.data.records import read_qa
 from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.fingerprints import file_digest, upstream_folder
+from gag_lightning.keys import artifact_dir, container, memory_splits, stage_key
 from gag_lightning.memory.background import BackgroundConfig, BackgroundJob, background_settings
 from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBank
 from gag_lightning.memory.extract import CompressionConfig, MemoryJob
@@ -38,17 +40,9 @@ from gag_lightning.memory.metrics import background_metrics, bank_metrics
 from gag_lightning.memory.onepass import EXTRACT_MODES, OnePassJob
 from gag_lightning.memory.schema import memory_schema
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
-from gag_lightning.pipeline.expert import sft_expert_path
-from gag_lightning.pipeline.keys import (
-    artifact_dir,
-    container,
-    file_digest,
-    memory_splits,
-    stage_key,
-    upstream_folder,
-)
-from gag_lightning.pipeline.trainer import trainer_kwargs
 from gag_lightning.prompts import stop_token_ids
+from gag_lightning.stages._common.trainer import trainer_kwargs
+from gag_lightning.stages.expert.runner import sft_expert_path
 
 __all__ = ["JobDataModule", "JobModule", "memory_expert_path", "memory_schema", "run_memory"]
 
