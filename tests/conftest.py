@@ -82,8 +82,7 @@ def gag_id(tokenizer) -> int:
 @pytest.fixture(scope="session")
 def tiny_two_domains(tmp_path_factory) -> dict:
     from gag_lightning.stages import run as run_pipeline
-    from gag_lightning.stages.gag.runner import gag_adapter_dir
-    from gag_lightning.stages.memory.runner import memory_expert_path
+    from gag_lightning.upstream import gag_adapter_dir, memory_expert_path
 
     root = tmp_path_factory.mktemp("two_domains")
     out: dict = {"artifacts": root / "artifacts", "cfg": {}, "adapter": {}, "expert": {}}

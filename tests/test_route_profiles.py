@@ -38,7 +38,8 @@ def _trained_prompts(two: dict, domain: str, tokenizer, n: int = 6) -> list[tupl
     the GAG DataModule as run_gag builds it, the background store the memory stage wrote."""
     from gag_lightning.memory.bank import BackgroundStore
     from gag_lightning.stages.gag.datamodule import GAGDataModule
-    from gag_lightning.stages.gag.runner import expected_schema, memory_bank_dir
+    from gag_lightning.stages.gag.runner import expected_schema
+    from gag_lightning.upstream import memory_bank_dir
 
     cfg = compose(two["cfg"][domain])
     bank = memory_bank_dir(cfg, "train")

@@ -209,7 +209,7 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
         adapter_dir = upstream_folder(cfg, f"router.domains.{key}.adapter", entry["adapter"])[0]
         sources["adapter"] = f"router.domains.{key}.adapter"
     elif rcfg is not None:
-        from gag_lightning.stages.gag.runner import gag_adapter_dir
+        from gag_lightning.upstream import gag_adapter_dir
 
         adapter_dir = gag_adapter_dir(rcfg)
         sources["adapter"] = f"{preset_label} artifacts"
@@ -299,7 +299,7 @@ def route_profile(cfg: DictConfig, key: str, entry: Mapping[str, Any]) -> RouteP
     elif memory_inputs.get("expert"):
         expert_dir, sources["expert"] = Path(str(memory_inputs["expert"])), "memory manifest"
     elif rcfg is not None:
-        from gag_lightning.stages.memory.runner import memory_expert_path
+        from gag_lightning.upstream import memory_expert_path
 
         expert_dir, sources["expert"] = memory_expert_path(rcfg), str(preset_label)
     else:

@@ -75,7 +75,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from gag_lightning.models.base import base_identity, load_base
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
     from gag_lightning.stages.gag.datamodule import check_bank_against_adapter
-    from gag_lightning.stages.gag.runner import gag_adapter_dir, memory_bank_dir
+    from gag_lightning.upstream import gag_adapter_dir, memory_bank_dir
 
     node = cfg.eval
     out_dir = artifact_dir(cfg, "eval")
@@ -130,7 +130,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         lora = load_lora(base, lora_dir)
     expert = expert_tok = None
     if "expert" in systems:
-        from gag_lightning.stages.expert.runner import sft_expert_path
+        from gag_lightning.upstream import sft_expert_path
 
         expert_dir = sft_expert_path(cfg)
         expert_tok = load_tokenizer(expert_dir)

@@ -59,14 +59,6 @@ def expert_init_path(cfg: DictConfig, stage: str) -> Path:
     return path
 
 
-def sft_expert_path(cfg: DictConfig) -> Path:
-    """The finished Stage II expert for this model/domain (what the memory stage reads)."""
-    folder = artifact_dir(cfg, "sft")
-    require_artifact(folder, "sft", hint=(
-        f"Run `python train.py stage=sft model={cfg.model.name} domain={cfg.domain.name}` first (same overrides)."))
-    return folder
-
-
 def _sample_answers(model: Any, tokenizer: Any, records: list, instruction: str, n: int,
                     max_new_tokens: int) -> list[dict[str, str]]:
     if n <= 0 or not records:

@@ -61,7 +61,7 @@ def align_adapter(cfg: DictConfig, adapter: GAGAdapter, base: Any, base_tokenize
                   train_bank: Any) -> AlignmentFit:
     """Load the memory stage's expert and fit the adapter's projector (see models/alignment.py)."""
     from gag_lightning.models.loading import load_causal_lm, load_tokenizer
-    from gag_lightning.stages.memory.runner import memory_expert_path
+    from gag_lightning.upstream import memory_expert_path
 
     node = cfg.gag.get("alignment") or {}
     expert_dir = memory_expert_path(cfg)

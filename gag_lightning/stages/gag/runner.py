@@ -26,10 +26,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
+from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
 from gag_lightning.callbacks import checkpoint_step
-from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
-from gag_lightning.keys import artifact_dir, container, memory_splits, stage_key, upstream_folder
+from gag_lightning.errors import GAGError, SchemaMismatchError
+from gag_lightning.keys import artifact_dir, container, stage_key, upstream_folder
 from gag_lightning.models.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -50,41 +50,12 @@ from gag_lightning.stages._common.trainer import (
     sharded_final_checkpoint,
     stage_checkpoint,
 )
+from gag_lightning.upstream import memory_bank_dir
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _upstream_dir(cfg: DictConfig, stage: str, override: str | None, what: str, how: str, option: str | None = None,
-                  external_ok: bool = False) -> Path:
-    """An explicitly given folder (config `option`: must exist and be finished, see `keys.upstream_folder`), else
-    this config's finished `stage` artifact."""
-    if override:
-        return upstream_folder(cfg, option or f"{what} folder", override, external_ok=external_ok)[0]
-    folder = artifact_dir(cfg, stage)
-    require_artifact(folder, stage, hint=(
-        f"Run `python train.py stage={stage} model={cfg.model.name} domain={cfg.domain.name}` first (same "
-        f"overrides), or give {how}."))
-    return folder
-
-
-def memory_root(cfg: DictConfig, override: str | None = None) -> Path:
-    """The memory artifact folder (holding one bank per split): an explicit path or this config's artifact."""
-    return _upstream_dir(cfg, "memory", override, "memory", "the folder of an existing memory artifact with "
-                         "gag.memory_dir=/path", option="gag.memory_dir")
-
-
-def memory_bank_dir(cfg: DictConfig, split: str, override: str | None = None) -> Path:
-    folder = memory_root(cfg, override) / split
-    if not (folder / "schema.json").is_file():
-        raise MissingArtifactError(
-            f"the memory artifact has no bank for split '{split}' ({folder}); the memory stage builds "
-            f"{memory_splits(cfg)} (memory.splits, or gag.train_split + domain.eval_splits): add it there and rerun "
-            "the memory stage"
-        )
-    return folder
-
-
 def expected_schema(cfg: DictConfig) -> dict[str, Any]:
     """What the configured compression promises about the bank (checked when it is opened)."""
     comp = cfg.memory.compression
@@ -335,11 +306,5 @@ def _route_metadata(cfg: DictConfig) -> dict[str, Any]:
     return route_metadata(cfg)
 
 
-def gag_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
-    """The trained adapter for this config (what the eval stage reads), or an explicit folder."""
-    return _upstream_dir(cfg, "gag", override, "adapter", "a trained adapter folder with eval.adapter=/path",
-                         option="eval.adapter")
-
-
-__all__ = ["adapter_bytes", "check_val_source", "gag_adapter_dir", "memory_bank_dir", "memory_root", "run_gag",
+__all__ = ["adapter_bytes", "check_val_source", "run_gag",
            "weights_bytes"]

@@ -119,9 +119,9 @@ def load_lora(base: Any, folder: str | Path) -> Any:
 
 def lora_adapter_dir(cfg: DictConfig, override: str | None = None) -> Path:
     """This config's finished LoRA artifact, or an explicitly given LoRA folder."""
-    from gag_lightning.stages.gag.runner import _upstream_dir
+    from gag_lightning.upstream import upstream_dir
 
-    folder = _upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
+    folder = upstream_dir(cfg, "lora", override, "LoRA", "a LoRA folder with eval.lora_adapter=/path, or drop "
                            "lora from eval.systems", option="eval.lora_adapter", external_ok=True)
     if not (folder / LORA_CONFIG).is_file():
         raise MissingArtifactError(f"LoRA folder {folder} has no {LORA_CONFIG}")

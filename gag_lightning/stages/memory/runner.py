@@ -27,10 +27,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from gag_lightning.artifacts import MANIFEST, read_manifest, require_artifact, write_manifest
+from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
 from gag_lightning.data.records import read_qa
 from gag_lightning.errors import GAGError, SchemaMismatchError
-from gag_lightning.fingerprints import file_digest, upstream_folder
+from gag_lightning.fingerprints import file_digest
 from gag_lightning.keys import artifact_dir, container, memory_splits, stage_key
 from gag_lightning.memory.background import BackgroundConfig, BackgroundJob, background_settings
 from gag_lightning.memory.bank import STORAGE_DTYPES, BackgroundStore, MemoryBank
@@ -39,12 +39,12 @@ from gag_lightning.memory.files import settings_fingerprint
 from gag_lightning.memory.metrics import background_metrics, bank_metrics
 from gag_lightning.memory.onepass import EXTRACT_MODES, OnePassJob
 from gag_lightning.memory.schema import memory_schema
-from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer
 from gag_lightning.prompts import stop_token_ids
 from gag_lightning.stages._common.trainer import trainer_kwargs
-from gag_lightning.stages.expert.runner import sft_expert_path
+from gag_lightning.upstream import memory_expert_path
 
-__all__ = ["JobDataModule", "JobModule", "memory_expert_path", "memory_schema", "run_memory"]
+__all__ = ["JobDataModule", "JobModule", "memory_schema", "run_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -141,25 +141,6 @@ def _is_sharded(cfg: DictConfig) -> bool:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def memory_expert_path(cfg: DictConfig) -> Path:
-    """The expert that writes the backgrounds: the sft (default) or dapt artifact, the preset's model, or a path."""
-    spec = cfg.memory.get("expert", "sft")
-    if spec == "sft":
-        return sft_expert_path(cfg)
-    if spec == "dapt":
-        folder = artifact_dir(cfg, "dapt")
-        require_artifact(folder, "dapt", hint=(
-            f"Run `python train.py stage=dapt model={cfg.model.name} domain={cfg.domain.name}` first (same overrides)."))
-        return folder
-    if spec in (None, "base"):
-        return resolve_path(cfg.model.expert, cfg.paths.cache_dir)
-    path, _ = upstream_folder(cfg, "memory.expert", spec, external_ok=True)  # refuses an unfinished artifact
-    if not (path / "config.json").is_file():
-        raise GAGError(f"memory.expert={spec}: not a Hugging Face model directory (no config.json); use sft, dapt, "
-                       f"base or a model directory")
-    return path
 
 
 def _split_files(cfg: DictConfig) -> dict[str, Path]:
