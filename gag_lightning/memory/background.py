@@ -176,15 +176,16 @@ class ProgressBar:
         self.bar.close()
 
 
-def account_batch(job: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Per-batch bookkeeping shared by the background and memory jobs: stats, progress bar, batch hook."""
-    tokens = sum(len(r["token_ids"]) for r in rows)
-    job.stats.records += len(rows)
+def account_batch(job: Any, token_counts: Sequence[int]) -> None:
+    """Per-batch bookkeeping shared by the background, memory and one-pass jobs: stats, progress bar, batch hook
+    for a batch of records that generated `token_counts` tokens each."""
+    tokens = sum(token_counts)
+    job.stats.records += len(token_counts)
     job.stats.tokens += tokens
     job.stats.batches += 1
     job.stats.seconds = time.perf_counter() - job._t0
     if job._bar is not None:
-        job._bar.update(len(rows), tokens)
+        job._bar.update(len(token_counts), tokens)
     if job.on_batch is not None:
         job.on_batch(job.stats.batches)
 
@@ -275,7 +276,7 @@ class BackgroundJob:
                 row["answers"] = list(record.answers)
             rows.append(row)
         self.store.append(rows)
-        account_batch(self, rows)
+        account_batch(self, [len(r["token_ids"]) for r in rows])
         return rows
 
     def close(self, flush: bool = True) -> JobStats:

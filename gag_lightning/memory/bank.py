@@ -44,6 +44,7 @@ __all__ = [
     "BackgroundStore",
     "MemoryBank",
     "MemorySchema",
+    "ShardBuffer",
     "settings_fingerprint",
 ]
 
@@ -358,3 +359,30 @@ class MemoryBank:
 
     def __repr__(self) -> str:
         return f"MemoryBank({str(self.folder)!r}, shape={self.schema.shape}, dtype={self.schema.dtype})"
+
+
+class ShardBuffer:
+    """Memories waiting to fill a shard of `bank`: written `shard_size` records at a time as they arrive, the rest
+    by `flush` (which a job skips after an error: a resume redoes those records)."""
+
+    def __init__(self, bank: MemoryBank, shard_size: int) -> None:
+        self.bank = bank
+        self.shard_size = int(shard_size)
+        self._metas: list[dict[str, Any]] = []
+        self._memories: list[Tensor] = []
+
+    def add(self, metas: list[dict[str, Any]], memories: Tensor) -> None:
+        self._metas.extend(metas)
+        self._memories.append(memories)
+        while len(self._metas) >= self.shard_size:
+            self._write(self.shard_size)
+
+    def flush(self) -> None:
+        if self._metas:
+            self._write(len(self._metas))
+
+    def _write(self, count: int) -> None:
+        metas, self._metas = self._metas[:count], self._metas[count:]
+        memories = torch.cat(self._memories)
+        self._memories = [memories[count:]] if memories.shape[0] > count else []
+        self.bank.write_shard(metas, memories[:count])

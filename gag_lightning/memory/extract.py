@@ -33,7 +33,7 @@ from gag_lightning.memory.background import (
     pending_batches,
     run_job,
 )
-from gag_lightning.memory.bank import MemoryBank, MemorySchema
+from gag_lightning.memory.bank import MemoryBank, MemorySchema, ShardBuffer
 from gag_lightning.memory.compression import build_memories, layer_indices
 
 __all__ = [
@@ -184,13 +184,13 @@ class MemoryJob:
         self.stats = JobStats()
         self.done_at_open: set[int] = set()  # already banked when this run started (all ranks)
         self._done: set[int] = set()  # every index in the bank at open (any rank)
-        self._metas: list[dict[str, Any]] = []
-        self._memories: list[Tensor] = []
+        self._pending: ShardBuffer | None = None
         self._bar: ProgressBar | None = None
         self._t0 = 0.0
 
     def open(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
         self.bank = MemoryBank.open_for_writing(self.folder, self.schema, rank=rank)
+        self._pending = ShardBuffer(self.bank, self.shard_size)
         done = self.bank.done_indices()
         self.done_at_open = done & set(self.backgrounds)
         self._done = set(done)
@@ -206,15 +206,8 @@ class MemoryJob:
         self._t0 = time.perf_counter()
         return batches
 
-    def _write(self, count: int) -> None:
-        assert self.bank is not None
-        metas, self._metas = self._metas[:count], self._metas[count:]
-        memories = torch.cat(self._memories)
-        self._memories = [memories[count:]] if memories.shape[0] > count else []
-        self.bank.write_shard(metas, memories[:count])
-
     def run_batch(self, model: Any, indices: Sequence[int]) -> Tensor:
-        if self.bank is None:
+        if self._pending is None:
             raise RuntimeError("call open() before run_batch()")
         rows = [self.backgrounds[int(i)] for i in indices]
         memories = extract_memories(model, [r["prompt_ids"] for r in rows], [r["token_ids"] for r in rows],
@@ -223,18 +216,15 @@ class MemoryJob:
         keep = [k for k, r in enumerate(rows) if int(r["index"]) not in self._done]
         if len(keep) < len(rows):
             rows, memories = [rows[k] for k in keep], memories[keep]
-        self._metas.extend(memory_metadata(r) for r in rows)
-        self._memories.append(memories)
-        while len(self._metas) >= self.shard_size:
-            self._write(self.shard_size)
-        account_batch(self, rows)
+        self._pending.add([memory_metadata(r) for r in rows], memories)
+        account_batch(self, [len(r["token_ids"]) for r in rows])
         return memories
 
     def close(self, flush: bool = True) -> JobStats:
         """Write the last partial shard (skipped when closing after an error: a resume redoes those records)."""
-        if flush and self._metas:
-            self._write(len(self._metas))
-        self._metas, self._memories = [], []
+        if flush and self._pending is not None:
+            self._pending.flush()
+        self._pending = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

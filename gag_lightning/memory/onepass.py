@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from gag_lightning.data.records import QARecord
@@ -34,11 +33,12 @@ from gag_lightning.memory.background import (
     BatchHook,
     JobStats,
     ProgressBar,
+    account_batch,
     background_prompt_ids,
     empty_question_indices,
     plan_batches,
 )
-from gag_lightning.memory.bank import BackgroundStore, MemoryBank, MemorySchema
+from gag_lightning.memory.bank import BackgroundStore, MemoryBank, MemorySchema, ShardBuffer
 from gag_lightning.memory.compression import build_memories, layer_indices
 from gag_lightning.memory.decode import Finished, StreamingDecoder
 from gag_lightning.memory.extract import CompressionConfig, memory_metadata
@@ -90,8 +90,7 @@ class OnePassJob:
         self.bg_done_at_open: set[int] = set()
         self.done_at_open: set[int] = set()  # banked when this run started (all ranks)
         self._stored: dict[int, list[int]] = {}  # token ids of records in the store but not in the bank
-        self._metas: list[dict[str, Any]] = []
-        self._memories: list[Tensor] = []
+        self._pending: ShardBuffer | None = None
         self._bar: ProgressBar | None = None
         self._t0 = 0.0
         self.decoder: StreamingDecoder | None = None
@@ -106,6 +105,7 @@ class OnePassJob:
             raise GAGError(f"the memory schema names backgrounds {schema.background_fingerprint[:12]}, the store at "
                            f"{self.bg_folder} is {self.store.fingerprint[:12]}")
         self.bank = MemoryBank.open_for_writing(self.mem_folder, schema, rank=rank)
+        self._pending = ShardBuffer(self.bank, self.shard_size)
         stored, banked = self.store.done_indices(), self.bank.done_indices()
         wanted = set(self.records)
         self.bg_done_at_open, self.done_at_open = stored & wanted, banked & wanted
@@ -166,32 +166,14 @@ class OnePassJob:
                                f"{self.bg_folder}; finish this split with memory.extract=teacher_forced")
             rows.append(row)
         self.store.append([r for r in rows if r["index"] not in self._stored])  # the store first, then the bank
-        self._metas.extend(memory_metadata(r) for r in rows)
-        self._memories.append(memories)
-        while len(self._metas) >= self.shard_size:
-            self._write(self.shard_size)
-        tokens = sum(len(e.token_ids) for e in ended)
-        self.stats.records += len(ended)
-        self.stats.tokens += tokens
-        self.stats.batches += 1
-        self.stats.seconds = time.perf_counter() - self._t0
-        if self._bar is not None:
-            self._bar.update(len(ended), tokens)
-        if self.on_batch is not None:
-            self.on_batch(self.stats.batches)
-
-    def _write(self, count: int) -> None:
-        assert self.bank is not None
-        metas, self._metas = self._metas[:count], self._metas[count:]
-        memories = torch.cat(self._memories)
-        self._memories = [memories[count:]] if memories.shape[0] > count else []
-        self.bank.write_shard(metas, memories[:count])
+        self._pending.add([memory_metadata(r) for r in rows], memories)
+        account_batch(self, [len(e.token_ids) for e in ended])
 
     def close(self, flush: bool = True) -> JobStats:
         """Bank the last partial shard (not after an error: a resume decodes those records again)."""
-        if flush and self._metas:
-            self._write(len(self._metas))
-        self._metas, self._memories = [], []
+        if flush and self._pending is not None:
+            self._pending.flush()
+        self._pending = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
