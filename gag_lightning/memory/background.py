@@ -176,6 +176,15 @@ class ProgressBar:
         self.bar.close()
 
 
+def end_job(job: Any) -> JobStats:
+    """Closing bookkeeping shared by the jobs: the progress bar closed, the job's wall time; returns its stats."""
+    if job._bar is not None:
+        job._bar.close()
+        job._bar = None
+    job.stats.seconds = time.perf_counter() - job._t0 if job._t0 else 0.0
+    return job.stats
+
+
 def account_batch(job: Any, token_counts: Sequence[int]) -> None:
     """Per-batch bookkeeping shared by the background, memory and one-pass jobs: stats, progress bar, batch hook
     for a batch of records that generated `token_counts` tokens each."""
@@ -281,12 +290,9 @@ class BackgroundJob:
 
     def close(self, flush: bool = True) -> JobStats:
         """Finish the job (every batch was already appended durably, so `flush` has nothing to do here)."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.stats.seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
-        self.stats.extra["empty_questions"] = len(self.empty_questions)
-        return self.stats
+        stats = end_job(self)
+        stats.extra["empty_questions"] = len(self.empty_questions)
+        return stats
 
 
 def run_job(job: Any, model: Any) -> JobStats:

@@ -30,6 +30,7 @@ from gag_lightning.memory.background import (
     JobStats,
     ProgressBar,
     account_batch,
+    end_job,
     pending_batches,
     run_job,
 )
@@ -225,11 +226,7 @@ class MemoryJob:
         if flush and self._pending is not None:
             self._pending.flush()
         self._pending = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.stats.seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
-        return self.stats
+        return end_job(self)
 
 
 def build_memory_bank(model: Any, backgrounds: Sequence[Mapping[str, Any]], folder: str | Path,

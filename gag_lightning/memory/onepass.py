@@ -36,6 +36,7 @@ from gag_lightning.memory.background import (
     account_batch,
     background_prompt_ids,
     empty_question_indices,
+    end_job,
     plan_batches,
 )
 from gag_lightning.memory.bank import BackgroundStore, MemoryBank, MemorySchema, ShardBuffer
@@ -174,10 +175,7 @@ class OnePassJob:
         if flush and self._pending is not None:
             self._pending.flush()
         self._pending = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.stats.seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
+        end_job(self)
         self.stats.extra["empty_questions"] = len(self.empty_questions)
         if self.decoder is not None:
             self.stats.extra["decoding_steps"] = self.decoder.steps
