@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
+from types import ModuleType
 
 SEED = 20250601
 LAB = "Veltrani Materials Lab"
@@ -557,27 +559,34 @@ def make_qa(rng: Random, compounds: list[Compound]) -> dict[str, list[dict[str, 
       Stage II, the wording is new.
     - `test` is the union of both test splits (the Stage II report and the routing sets use it).
     """
-    pairs = [(i, attr) for i in range(len(compounds)) for attr in ATTRIBUTES]
+    return split_by_fact_location(rng, compounds, sys.modules[__name__])
+
+
+def split_by_fact_location(rng: Random, entities: Sequence[object], spec: ModuleType) -> dict[str, list[dict[str, object]]]:
+    """`make_qa`'s scheme for any bundled domain: `spec` is its generator module (this one, or
+    data/demo_bio/make_demo_bio.py), which provides ATTRIBUTES, TRAIN_TEMPLATES, TEST_TEMPLATES, N_KB_ONLY,
+    N_SEEN_TEST, TRAIN_PHRASINGS and question / answer / gold_answers / qa_record for its `entities`."""
+    pairs = [(i, attr) for i in range(len(entities)) for attr in spec.ATTRIBUTES]
     rng.shuffle(pairs)
-    # spread the KB-only pairs evenly over attributes (and so over compounds as well as possible)
+    # spread the KB-only pairs evenly over attributes (and so over entities as well as possible)
     kb_only: list[tuple[int, str]] = []
-    for attr in ATTRIBUTES * len(compounds):
-        if len(kb_only) == N_KB_ONLY:
+    for attr in spec.ATTRIBUTES * len(entities):
+        if len(kb_only) == spec.N_KB_ONLY:
             break
         for pair in pairs:
             if pair[1] == attr and pair not in kb_only and all(pair[0] != k[0] for k in kb_only[-3:]):
                 kb_only.append(pair)
                 break
-    assert len(kb_only) == N_KB_ONLY
+    assert len(kb_only) == spec.N_KB_ONLY
     seen = [p for p in pairs if p not in kb_only]
-    seen_test = seen[:N_SEEN_TEST]
+    seen_test = seen[:spec.N_SEEN_TEST]
 
     train_items = []
     for i, attr in seen:
-        for template in rng.sample(TRAIN_TEMPLATES[attr], TRAIN_PHRASINGS):
-            train_items.append((question(template, compounds[i]), attr, i))
-    seen_items = [(question(rng.choice(TEST_TEMPLATES[attr]), compounds[i]), attr, i) for i, attr in seen_test]
-    kb_items = [(question(rng.choice(TRAIN_TEMPLATES[attr]), compounds[i]), attr, i) for i, attr in kb_only]
+        for template in rng.sample(spec.TRAIN_TEMPLATES[attr], spec.TRAIN_PHRASINGS):
+            train_items.append((spec.question(template, entities[i]), attr, i))
+    seen_items = [(spec.question(rng.choice(spec.TEST_TEMPLATES[attr]), entities[i]), attr, i) for i, attr in seen_test]
+    kb_items = [(spec.question(rng.choice(spec.TRAIN_TEMPLATES[attr]), entities[i]), attr, i) for i, attr in kb_only]
     for items in (train_items, seen_items, kb_items):
         rng.shuffle(items)
 
@@ -591,7 +600,7 @@ def make_qa(rng: Random, compounds: list[Compound]) -> dict[str, list[dict[str, 
     assert not any((i, a) in train_pairs for _, a, i in kb_items), "a KB-only fact is taught in train"
 
     def records(split: str, items: list[tuple[str, str, int]]) -> list[dict[str, object]]:
-        return [qa_record(split, n, q, answer(a, compounds[i]), gold_answers(a, compounds[i]))
+        return [spec.qa_record(split, n, q, spec.answer(a, entities[i]), spec.gold_answers(a, entities[i]))
                 for n, (q, a, i) in enumerate(items, 1)]
 
     seen_records = records("seen", seen_items)

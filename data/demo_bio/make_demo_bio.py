@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+from make_demo import split_by_fact_location  # noqa: E402  (the demo's split scheme, shared)
 
 SEED = 20250917
 INSTITUTE = "Tesselmoor Adjuvant Institute"
@@ -327,46 +331,7 @@ def qa_record(split: str, index: int, q: str, ans: str, answers: list[str]) -> d
 
 def make_qa(rng: Random, adjuvants: list[Adjuvant]) -> dict[str, list[dict[str, object]]]:
     """Train and the two test splits by where the fact lives (the demo's scheme, see data/demo/make_demo.py)."""
-    pairs = [(i, attr) for i in range(len(adjuvants)) for attr in ATTRIBUTES]
-    rng.shuffle(pairs)
-    kb_only: list[tuple[int, str]] = []
-    for attr in ATTRIBUTES * len(adjuvants):
-        if len(kb_only) == N_KB_ONLY:
-            break
-        for pair in pairs:
-            if pair[1] == attr and pair not in kb_only and all(pair[0] != k[0] for k in kb_only[-3:]):
-                kb_only.append(pair)
-                break
-    assert len(kb_only) == N_KB_ONLY
-    seen = [p for p in pairs if p not in kb_only]
-    seen_test = seen[:N_SEEN_TEST]
-
-    train_items = []
-    for i, attr in seen:
-        for template in rng.sample(TRAIN_TEMPLATES[attr], TRAIN_PHRASINGS):
-            train_items.append((question(template, adjuvants[i]), attr, i))
-    seen_items = [(question(rng.choice(TEST_TEMPLATES[attr]), adjuvants[i]), attr, i) for i, attr in seen_test]
-    kb_items = [(question(rng.choice(TRAIN_TEMPLATES[attr]), adjuvants[i]), attr, i) for i, attr in kb_only]
-    for items in (train_items, seen_items, kb_items):
-        rng.shuffle(items)
-
-    train_questions = [q for q, _, _ in train_items]
-    test_questions = [q for q, _, _ in seen_items + kb_items]
-    assert len(set(train_questions)) == len(train_questions), "duplicate train question"
-    assert len(set(test_questions)) == len(test_questions), "duplicate test question"
-    assert not set(train_questions) & set(test_questions), "a test question appears in train"
-    train_pairs = {(i, a) for _, a, i in train_items}
-    assert all((i, a) in train_pairs for _, a, i in seen_items), "a seen-fact question asks an untaught fact"
-    assert not any((i, a) in train_pairs for _, a, i in kb_items), "a KB-only fact is taught in train"
-
-    def records(split: str, items: list[tuple[str, str, int]]) -> list[dict[str, object]]:
-        return [qa_record(split, n, q, answer(a, adjuvants[i]), gold_answers(a, adjuvants[i]))
-                for n, (q, a, i) in enumerate(items, 1)]
-
-    seen_records = records("seen", seen_items)
-    kb_records = records("kbonly", kb_items)
-    return {"train": records("train", train_items), "test_seen_fact": seen_records,
-            "test_kb_only": kb_records, "test": seen_records + kb_records}
+    return split_by_fact_location(rng, adjuvants, sys.modules[__name__])
 
 
 def make_router_pool(rng: Random, adjuvants: list[Adjuvant]) -> list[dict[str, str]]:
