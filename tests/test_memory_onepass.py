@@ -35,7 +35,8 @@ def onepass(tmp: Path, expert, records, stops, batch_size: int, compression: Com
     return BackgroundStore.open(bg), MemoryBank.open(mem)
 
 
-def test_streaming_decoder_gives_the_tokens_of_batch_1_generate(expert, records, stops) -> None:
+@pytest.mark.parametrize("screen_head", [True, False])
+def test_streaming_decoder_gives_the_tokens_of_batch_1_generate(expert, records, stops, screen_head) -> None:
     model, tokenizer = expert
     prompts = background_prompt_ids(tokenizer, records, CONFIG)
     one = generate_batched(model, tokenizer, prompts, DecodingConfig(max_new_tokens=MAX_NEW, batch_size=1), stops)
@@ -48,7 +49,9 @@ def test_streaming_decoder_gives_the_tokens_of_batch_1_generate(expert, records,
                 got[e.index] = (e.token_ids, e.finished)
 
         decoder = StreamingDecoder(model, dict(enumerate(prompts)), stops, MAX_NEW, width, capture=capture,
-                                   pad_id=tokenizer.pad_token_id)
+                                   pad_id=tokenizer.pad_token_id, screen_head=screen_head)
+        assert (decoder.head is not None) == screen_head
+        assert decoder.prefix > 0  # the system prompt is shared: attended to once for all rows
         decoder.run(sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i)), keep)
         assert [got[i] for i in range(len(prompts))] == [(g.token_ids, g.finished) for g in one], width
 

@@ -5,10 +5,13 @@ The memory stage decodes thousands of backgrounds with one expert and one prompt
 (and Python work per row) each time rows are swapped. This decoder owns the loop instead:
 
 * `batch_size` rows are in flight at all times while prompts remain; a row that stops is reported at once through
-  `on_finish` (the caller streams it to its store) and leaves the batch at the next compaction, which drops several
-  finished rows in one copy of the KV cache (batch_size // 8 of them, or when new prompts come in); new prompts
-  are admitted in groups (one prefill for several rows, the prompt prefix common to every record encoded once and
+  `on_finish` (the caller streams it to its store) and leaves the batch before the next step (the last rows of the
+  batch move into the freed places: a copy of their KV cache, not of the whole cache); new prompts are admitted in
+  groups (one prefill for several rows, the prompt prefix common to every record encoded once and
   its KV cache reused).
+* the next token is the argmax of a screened output head where the CPU has bfloat16 dot products
+  (memory/greedy_head.py: a bfloat16 product over the vocabulary, float32 on the few tokens that can still win; the
+  float32 head's argmax at a third of its cost); elsewhere the model's own logits.
 * the per-step bookkeeping (next token, stop test, lengths, which rows are done) is a handful of tensor ops over
   the batch; Python only runs per row when a row finishes or is admitted.
 * with `capture` (hidden-state indices as in `output_hidden_states`), the states of those layers at the position
@@ -17,7 +20,8 @@ The memory stage decodes thousands of backgrounds with one expert and one prompt
   cut by `max_new_tokens` rides one more step so its last token is fed too (the teacher-forced pass reads that
   position as well). The buffer of a finished row goes to the compressor and its slot is reused.
 
-Rows of different lengths share one KV cache, aligned by left padding (zeros in the cache, 0 in the attention
+Rows of different lengths share one KV cache (memory/slab_cache.py: a step writes its column in place), aligned by
+left padding (zeros in the cache, 0 in the attention
 mask); positions are counted on the mask, so a row computes what it would alone, up to float rounding. Leading
 columns no row uses any more are trimmed whenever rows leave. Greedy only: sampling keeps the project's
 `generate_batched` path (eval.generation), whose per-batch seeding a stream cannot reproduce.
@@ -25,7 +29,6 @@ columns no row uses any more are trimmed whenever rows leave. Greedy only: sampl
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +37,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Finished", "StreamingDecoder", "dynamic_layers"]
+from gag_lightning.memory.greedy_head import ScreenedGreedyHead, screening_supported
+from gag_lightning.memory.prefix_attention import shared_prefix
+from gag_lightning.memory.slab_cache import SlabCache, fill_order, slab_layers
+
+__all__ = ["Finished", "StreamingDecoder"]
 
 
 @dataclass
@@ -49,14 +56,6 @@ class Finished:
 #: Called with the rows that finished in one step, and their captured states per layer: a list of K tensors
 #: [n, T, H] (row r uses positions 0 .. len(token_ids[r]) - 1), or None without capture.
 FinishHook = Callable[[list[Finished], list[Tensor] | None], None]
-
-
-def dynamic_layers(cache: Any) -> list[Any] | None:
-    """The per-layer (keys, values) holders of a plain dynamic KV cache, or None for any other cache type."""
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        return None
-    return list(layers)
 
 
 def _cache_of(out: Any) -> Any:
@@ -74,7 +73,7 @@ class StreamingDecoder:
 
     def __init__(self, model: Any, prompts: dict[int, Sequence[int]], stop_ids: Sequence[int], max_new_tokens: int,
                  batch_size: int, capture: Sequence[int] = (), share_prefix: bool = True, pad_id: int = 0,
-                 refill: int | None = None) -> None:
+                 refill: int | None = None, screen_head: bool | None = None) -> None:
         if not stop_ids:
             raise ValueError("stop_ids is empty: the decoder would never stop")
         if max_new_tokens < 1 or batch_size < 1:
@@ -82,6 +81,9 @@ class StreamingDecoder:
         short = [i for i, p in prompts.items() if len(p) < 2]
         if short:
             raise ValueError(f"prompt(s) of record(s) {short[:5]} have fewer than 2 tokens")
+        if not _full_attention_only(model):
+            raise TypeError(f"{type(model).__name__} uses sliding-window attention layers; the streaming decoder "
+                            "keeps full-attention caches only (use memory.extract=teacher_forced)")
         self.model = model
         self.prompts = {int(i): [int(t) for t in p] for i, p in prompts.items()}
         self.max_new = int(max_new_tokens)
@@ -90,55 +92,59 @@ class StreamingDecoder:
         self.pad_id = int(pad_id)
         self.refill = max(1, int(refill) if refill is not None else self.width // 4)
         # finished rows ride along (a wasted row of compute each) until this many can leave in one cache copy
-        self.compact = max(1, self.width // 8)
         self.device = next(model.parameters()).device
         self.stops = torch.tensor(sorted({int(s) for s in stop_ids}), device=self.device)
-        params = inspect.signature(model.forward).parameters
+        # greedy tokens from the body's last hidden state through a screened head (memory/greedy_head.py), or
+        # from the model's own logits; None: screened where the CPU has bfloat16 dot products
+        self.head = _screened_head(model, screen_head)
+        self.net = model.get_decoder() if self.head is not None else model
+        params = inspect.signature(self.net.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"
         self.prefix = 0
         if share_prefix and len(self.prompts) > 1:
             from gag_lightning.eval.generation import shared_prefix_len
 
-            self.prefix = shared_prefix_len([p[:-1] for p in self.prompts.values()])
-        self._prefix_cache: Any = None
+            # every row keeps at least one prompt token of its own before the last (its cache is never empty)
+            shortest = min(len(p) for p in self.prompts.values())
+            self.prefix = min(shared_prefix_len([p[:-1] for p in self.prompts.values()]), shortest - 2)
+        self._prefix_layers: list[tuple[Tensor, Tensor]] | None = None
         self.steps = 0  # decoding steps run (a profile's denominator)
 
     # ------------------------------------------------------------------ model calls
 
-    def _forward(self, ids: Tensor, mask: Tensor, cache: Any, hidden: bool) -> Any:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        kw = {self.cache_name: cache} if cache is not None else {}
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          logits_to_keep=1, output_hidden_states=hidden, return_dict=True, **kw)
+    def _forward(self, ids: Tensor, mask: Tensor, cache: Any, hidden: bool, offset: int | None = None) -> Any:
+        # positions count the row's own columns on the mask, after the shared prefix's
+        offset = self.prefix if offset is None else offset
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:] + offset
+        kw = {self.cache_name: cache if cache is not None else SlabCache()}
+        if self.head is None:
+            kw["logits_to_keep"] = 1
+        return self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        output_hidden_states=hidden, return_dict=True, **kw)
+
+    def _next_tokens(self, out: Any) -> Tensor:
+        if self.head is None:
+            return out.logits[:, -1].argmax(dim=-1)
+        return self.head.argmax(out.last_hidden_state[:, -1])
+
+    def _encode_prefix(self) -> list[tuple[Tensor, Tensor]]:
+        """Keys and values of the prompt prefix every row shares, [1, kv_heads, P, head_dim] per layer."""
+        head = torch.tensor([next(iter(self.prompts.values()))[:self.prefix]], device=self.device)
+        cache = _cache_of(self._forward(head, torch.ones_like(head), None, False, offset=0))
+        return [(layer.keys, layer.values) for layer in slab_layers(cache)]
 
     def _admit(self, rows: list[int]) -> tuple[Any, Tensor, Tensor]:
-        """KV cache and mask of all but the last prompt token of new rows ([prefix | padding | own]), and their
-        last prompt token (the first input of their decoding)."""
-        p = self.prefix
-        rests = [self.prompts[r][p:-1] for r in rows]
+        """KV cache and mask of the rows' own prompt tokens but the last ([padding | own], after the shared prefix),
+        and their last prompt token (the first input of their decoding)."""
+        rests = [self.prompts[r][self.prefix:-1] for r in rows]
         width = max(len(r) for r in rests)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), p + width), dtype=torch.long)
-        mask[:, :p] = 1
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for k, rest in enumerate(rests):
-            if rest:
-                ids[k, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-                mask[k, p + width - len(rest):] = 1
+            ids[k, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+            mask[k, width - len(rest):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = None
-        if p:
-            if self._prefix_cache is None:
-                first = self.prompts[rows[0]][:p]
-                head = torch.tensor([first], device=self.device)
-                self._prefix_cache = _cache_of(self._forward(head, torch.ones_like(head), None, False))
-                if dynamic_layers(self._prefix_cache) is None:
-                    raise TypeError(f"{type(self.model).__name__} keeps a {type(self._prefix_cache).__name__}; the "
-                                    "streaming decoder needs a plain dynamic KV cache (use memory.extract="
-                                    "teacher_forced)")
-            cache = copy.deepcopy(self._prefix_cache)
-            cache.batch_repeat_interleave(len(rows))
-        if width:
-            cache = _cache_of(self._forward(ids, mask, cache, False))
+        cache = _cache_of(self._forward(ids, mask, None, False))
         last = torch.tensor([self.prompts[r][-1] for r in rows], dtype=torch.long, device=self.device)
         return cache, mask, last
 
@@ -147,9 +153,18 @@ class StreamingDecoder:
     @torch.inference_mode()
     def run(self, order: Sequence[int], on_finish: FinishHook) -> None:
         """Decode the prompts of `order` (admitted in that order) until every row has finished."""
-        queue = [int(i) for i in order]
-        if not queue:
+        if not order:
             return
+        if not self.prefix:
+            self._loop(order, on_finish)
+            return
+        if self._prefix_layers is None:
+            self._prefix_layers = self._encode_prefix()
+        with shared_prefix(self.model, self._prefix_layers):
+            self._loop(order, on_finish)
+
+    def _loop(self, order: Sequence[int], on_finish: FinishHook) -> None:
+        queue = [int(i) for i in order]
         dev, width, max_new, capture = self.device, self.width, self.max_new, bool(self.capture)
         tokens = torch.zeros((width, max_new), dtype=torch.long, device=dev)  # per slot
         buffer: Tensor | None = None  # [slots, K, max_new, H], allocated on the first captured step
@@ -160,13 +175,13 @@ class StreamingDecoder:
         cache: Any = None
         mask = torch.zeros((0, 0), dtype=torch.long, device=dev)
         last = torch.zeros(0, dtype=torch.long, device=dev)
-        alive = torch.zeros(0, dtype=torch.bool, device=dev)  # False: reported, riding along until compaction
+        alive = torch.zeros(0, dtype=torch.bool, device=dev)  # False: reported, leaves before the next step
         dead = 0
         while queue or dead < len(rows):
-            if dead and (dead == len(rows) or dead >= self.compact or (queue and len(free) + dead >= self.refill)):
-                # drop the reported rows in one copy of the cache (not one copy per finishing step), free their
-                # slots, and trim cache columns no row uses any more
-                keep = alive.nonzero().flatten()
+            if dead:
+                # drop the reported rows before the next step (the last rows move into their places: a copy of
+                # theirs, not of the cache), free their slots, and trim cache columns no row uses any more
+                keep = fill_order(alive)
                 free += slot[~alive].tolist()
                 rows = [rows[j] for j in keep.tolist()]
                 dead = 0
@@ -174,14 +189,15 @@ class StreamingDecoder:
                     cache, mask = None, mask[:0]
                     slot, count, last, alive = slot[:0], count[:0], last[:0], alive[:0]
                 else:
-                    cache.batch_select_indices(keep)
+                    for layer in slab_layers(cache):
+                        layer.keep_rows(keep)
                     mask, slot, count, last, alive = mask[keep], slot[keep], count[keep], last[keep], alive[keep]
                     used = mask.any(dim=0).nonzero()
                     start = int(used[0]) if len(used) else 0
                     if start:
                         mask = mask[:, start:]
-                        for layer in dynamic_layers(cache) or []:
-                            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                        for layer in slab_layers(cache):
+                            layer.trim_left(start)
             if queue and not dead and (len(free) >= self.refill or not rows):
                 take = min(len(free), len(queue))
                 new, queue = queue[:take], queue[take:]
@@ -211,7 +227,7 @@ class StreamingDecoder:
                 # the input of this step is generated token count-1 (count 0: the last prompt token, overwritten
                 # at index 0 by the next step)
                 buffer[slot, :, (count - 1).clamp(min=0)] = states
-            nxt = out.logits[:, -1].argmax(dim=-1)
+            nxt = self._next_tokens(out)
             del out  # its logits and hidden states would otherwise live through the next forward
             producing = alive & (count < max_new)  # alive and not: a row cut by max_new whose last token was fed
             at = count.clamp(max=max_new - 1)
@@ -222,7 +238,7 @@ class StreamingDecoder:
             last = nxt
             if not bool(done.any()):
                 continue
-            # rows finish: report them now (the caller streams them to its store); they leave at the next compaction
+            # rows finish: report them now (the caller streams them to its store); they leave before the next step
             lengths = (count - stopped.long()).tolist()
             done_rows = done.nonzero().flatten()
             done_list = done_rows.tolist()
@@ -239,24 +255,40 @@ class StreamingDecoder:
             dead += len(done_list)
 
 
+def _screened_head(model: Any, wanted: bool | None) -> ScreenedGreedyHead | None:
+    """The screened greedy head over `model`'s output layer, where it applies (see StreamingDecoder)."""
+    if wanted is False:
+        return None
+    head, body = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
+    usable = (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32 and body is not None
+              and body is not model)
+    if wanted and not usable:
+        raise ValueError(f"{type(model).__name__} has no float32 linear output head over a separate body to screen")
+    if not usable or (wanted is None and not screening_supported(head.weight.device)):
+        return None
+    return ScreenedGreedyHead(head.weight, head.bias)
+
+
 def _merge(cache: Any, mask: Tensor, c_new: Any, m_new: Tensor) -> tuple[Any, Tensor]:
     """Append new rows to the batch: left-pad the shorter of the two caches (and masks) to a common width."""
-    old_layers, new_layers = dynamic_layers(cache), dynamic_layers(c_new)
-    if old_layers is None or new_layers is None:
-        raise TypeError("the streaming decoder needs a plain dynamic KV cache (use memory.extract=teacher_forced)")
     target = max(mask.shape[1], m_new.shape[1])
-    for old, add in zip(old_layers, new_layers, strict=True):
-        old.keys = torch.cat([_pad_cols(old.keys, target), _pad_cols(add.keys, target)])
-        old.values = torch.cat([_pad_cols(old.values, target), _pad_cols(add.values, target)])
+    for old, add in zip(slab_layers(cache), slab_layers(c_new), strict=True):
+        old.append_rows(add, target)
     return cache, torch.cat([_pad_mask(mask, target), _pad_mask(m_new, target)])
-
-
-def _pad_cols(t: Tensor, target: int) -> Tensor:
-    """[B, heads, W, d] -> [B, heads, target, d] with zeros on the left."""
-    n = target - t.shape[2]
-    return t if n <= 0 else torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
 
 
 def _pad_mask(m: Tensor, target: int) -> Tensor:
     n = target - m.shape[1]
     return m if n <= 0 else torch.cat([m.new_zeros((m.shape[0], n)), m], dim=1)
+
+
+def _full_attention_only(model: Any) -> bool:
+    """Whether every layer of `model` attends to the whole sequence (no sliding-window layers)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return True
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        return False
+    return not (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None))
