@@ -108,9 +108,9 @@ def test_sampling_is_refused(tmp_path, expert, records, stops) -> None:
 def test_extract_keys_the_memory_artifact_only_when_it_is_not_teacher_forced(compose_cfg) -> None:
     from gag_lightning.keys import artifact_dir, stage_key
 
-    two = compose_cfg(["experiment=smoke"])
-    assert two.memory.extract == "teacher_forced"  # the default: bit-identical resume, the keys of before
-    one = compose_cfg(["experiment=smoke", "memory.extract=during_generation"])
+    one = compose_cfg(["experiment=smoke"])
+    assert one.memory.extract == "during_generation"  # the cpu preset's default
+    two = compose_cfg(["experiment=smoke", "memory.extract=teacher_forced"])
     assert "extract" not in stage_key(two, "memory")  # a teacher-forced key is what it was before the option
     assert stage_key(one, "memory") == {**stage_key(two, "memory"), "extract": "during_generation"}
     assert artifact_dir(one, "memory") != artifact_dir(two, "memory")

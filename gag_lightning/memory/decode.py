@@ -91,6 +91,7 @@ class StreamingDecoder:
         self.capture = [int(i) for i in capture]
         self.pad_id = int(pad_id)
         self.refill = max(1, int(refill) if refill is not None else self.width // 4)
+        self.prefill_rows = 16  # rows per prefill call: a few hundred tokens keep the matmuls at full speed
         # finished rows ride along (a wasted row of compute each) until this many can leave in one cache copy
         self.device = next(model.parameters()).device
         self.stops = torch.tensor(sorted({int(s) for s in stop_ids}), device=self.device)
@@ -101,7 +102,9 @@ class StreamingDecoder:
         params = inspect.signature(self.net.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"
         self.prefix = 0
-        if share_prefix and len(self.prompts) > 1:
+        # the shared prefix is attended to once (memory/prefix_attention.py: the CPU's flash kernel); on other
+        # devices every row keeps its own copy in its cache
+        if share_prefix and len(self.prompts) > 1 and self.device.type == "cpu":
             from gag_lightning.eval.generation import shared_prefix_len
 
             # every row keeps at least one prompt token of its own before the last (its cache is never empty)
@@ -135,16 +138,21 @@ class StreamingDecoder:
 
     def _admit(self, rows: list[int]) -> tuple[Any, Tensor, Tensor]:
         """KV cache and mask of the rows' own prompt tokens but the last ([padding | own], after the shared prefix),
-        and their last prompt token (the first input of their decoding)."""
-        rests = [self.prompts[r][self.prefix:-1] for r in rows]
-        width = max(len(r) for r in rests)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, rest in enumerate(rests):
-            ids[k, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-            mask[k, width - len(rest):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = _cache_of(self._forward(ids, mask, None, False))
+        and their last prompt token (the first input of their decoding). `rows` come sorted by that length; they are
+        encoded `prefill_rows` at a time, so that a group pads to its own longest row, not the batch's."""
+        cache, mask = None, None
+        for start in range(0, len(rows), self.prefill_rows):
+            group = rows[start:start + self.prefill_rows]
+            rests = [self.prompts[r][self.prefix:-1] for r in group]
+            width = max(len(r) for r in rests)
+            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+            m_new = torch.zeros((len(group), width), dtype=torch.long)
+            for k, rest in enumerate(rests):
+                ids[k, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+                m_new[k, width - len(rest):] = 1
+            ids, m_new = ids.to(self.device), m_new.to(self.device)
+            c_new = _cache_of(self._forward(ids, m_new, None, False))
+            cache, mask = (c_new, m_new) if cache is None else _merge(cache, mask, c_new, m_new)
         last = torch.tensor([self.prompts[r][-1] for r in rows], dtype=torch.long, device=self.device)
         return cache, mask, last
 
@@ -201,6 +209,7 @@ class StreamingDecoder:
             if queue and not dead and (len(free) >= self.refill or not rows):
                 take = min(len(free), len(queue))
                 new, queue = queue[:take], queue[take:]
+                new.sort(key=lambda r: len(self.prompts[r]))  # prefill groups of similar lengths (see _admit)
                 new_slots, free = free[:take], free[take:]
                 c_new, m_new, l_new = self._admit(new)
                 if rows:

@@ -46,9 +46,11 @@ def prefix_attention_forward(module: Any, query: Tensor, key: Tensor, value: Ten
                              ) -> tuple[Tensor, None]:
     """SDPA over [shared prefix | this row's columns] (see the module docstring); [B, T, heads, d] as HF's SDPA."""
     prefix = _PREFIX.get()
-    if prefix is None or query.device.type != "cpu" or dropout:
+    if prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if query.device.type != "cpu" or dropout:
+        raise NotImplementedError("shared-prefix attention runs on the CPU's flash kernel, without dropout")
     prefix_keys, prefix_values = prefix[module.layer_idx]
     b, heads, t, d = query.shape
     kv_heads = key.shape[1]

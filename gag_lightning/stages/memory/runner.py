@@ -9,7 +9,7 @@ Layout (both folders keyed by the hash of everything that determines them, see `
 
 The memory key includes the backgrounds key, so another S / pooling / layer set gets a new memory
 folder and reuses the backgrounds (`memory.extract=teacher_forced`: a second, teacher-forced pass over them);
-`memory.extract=during_generation` (the default) writes both stores from one decoding pass. Every step runs as a job (`open / run_batch / close`) inside
+`memory.extract=during_generation` (the cpu preset's default) writes both stores from one decoding pass. Every step runs as a job (`open / run_batch / close`) inside
 `trainer.predict`: on one device that is a plain loop; under DDP each rank takes a round-robin share
 of the pending records (no padding duplicates), writes its own files, and the readers merge them by
 record index. Manifests are written last, by rank 0, after all ranks have finished.
