@@ -92,7 +92,6 @@ class StreamingDecoder:
         self.pad_id = int(pad_id)
         self.refill = max(1, int(refill) if refill is not None else self.width // 4)
         self.prefill_rows = 16  # rows per prefill call: a few hundred tokens keep the matmuls at full speed
-        # finished rows ride along (a wasted row of compute each) until this many can leave in one cache copy
         self.device = next(model.parameters()).device
         self.stops = torch.tensor(sorted({int(s) for s in stop_ids}), device=self.device)
         # greedy tokens from the body's last hidden state through a screened head (memory/greedy_head.py), or
