@@ -5,8 +5,9 @@
 Decodes the same background prompts twice, interleaved: `generate_batched` (eval/generation.py, continuous batching
 over Hugging Face `generate`, the memory stage's decoder before memory.extract=during_generation) and the memory
 stage's `StreamingDecoder` (memory/decode.py, with the state capture of during_generation). For each it prints the
-wall time, the time inside the expert's forward (timed by hooks on the top module), the rest per forward call (the
-loop's own work: logits processing, stop tests, cache bookkeeping, admissions), and, with --profile, the top ops of
+wall time, the time inside the expert's forward (timed by hooks on the top module and its body), the rest per
+forward call (the loop's own work: logits processing, stop tests, cache bookkeeping, admissions; for the stream
+decoder also its screened output head, which runs outside the body), and, with --profile, the top ops of
 torch.profiler by self CPU time.
 """
 
@@ -43,18 +44,25 @@ from memory_build import Setup  # noqa: E402
 
 
 class ForwardTimer:
-    """Seconds spent inside the model's top-level forward, and how many calls."""
+    """Seconds spent inside the model's forward, and how many calls: the top module's, or its body's where the
+    caller runs the body alone (the stream decoder's screened head: its argmax then counts outside)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.seconds, self.calls, self._t = 0.0, 0, 0.0
-        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+        self.seconds, self.calls, self._t, self._depth = 0.0, 0, 0.0, 0
+        modules = [model, model.get_decoder()] if hasattr(model, "get_decoder") else [model]
+        self._handles = [h for m in modules if m is not None
+                         for h in (m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post))]
 
     def _pre(self, *_: object) -> None:
-        self._t = time.perf_counter()
+        self._depth += 1
+        if self._depth == 1:
+            self._t = time.perf_counter()
 
     def _post(self, *_: object) -> None:
-        self.seconds += time.perf_counter() - self._t
-        self.calls += 1
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._t
+            self.calls += 1
 
     def remove(self) -> None:
         for h in self._handles:
