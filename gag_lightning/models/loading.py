@@ -161,7 +161,8 @@ def damaged_weight_files(path: str | Path) -> list[str]:
 
 
 def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "float32"):
-    """Any Hugging Face causal LM from a directory; eager attention keeps CPU tests deterministic.
+    """Any Hugging Face causal LM from a directory, with transformers' default attention (SDPA where the model has it;
+    deterministic on the CPU, which the reproducibility tests check).
 
     A truncated weights file or weights that do not fit config.json are a `GAGError` naming the file or the
     folder, not a raw library traceback."""
