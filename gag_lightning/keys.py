@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gag_lightning.artifacts import config_hash
 from gag_lightning.fingerprints import file_digest, folder_fingerprint, upstream_folder
+from gag_lightning.splits import eval_splits, memory_splits, record_selection
 
 # The one allowlist: config leaves (dotted paths, fnmatch patterns) that never change an artifact's content.
 # A leaf that is not here is in the key of every stage that reads it (tests/test_keys.py checks both ways).
@@ -134,44 +135,6 @@ def container(node: Any) -> Any:
     if isinstance(node, DictConfig) or OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
-
-
-def _names(node: Any) -> list[str]:
-    """A split list from config: one name or a list of names, each once, in order."""
-    if node is None:
-        return []
-    names = [node] if isinstance(node, str) else list(node)
-    return list(dict.fromkeys(str(n) for n in names))
-
-
-def domain_eval_splits(cfg: DictConfig) -> list[str]:
-    """`domain.eval_splits`: the QA splits the domain is evaluated on (`[test]` when a preset names none)."""
-    return _names(cfg.domain.get("eval_splits")) or ["test"]
-
-
-def eval_splits(cfg: DictConfig) -> list[str]:
-    """The splits the eval stage evaluates: a legacy `eval.split` name, else `eval.splits` (by default the
-    domain's `eval_splits`)."""
-    node = cfg.get("eval")
-    if node is not None and node.get("split"):
-        return [str(node.split)]
-    if node is not None and node.get("splits") is not None:
-        return _names(node.splits)
-    return domain_eval_splits(cfg)
-
-
-def memory_splits(cfg: DictConfig) -> list[str]:
-    """The QA splits the memory stage builds a bank for: `memory.splits` when it is given, else gag's train
-    split, the domain's eval splits, and gag's val split when Stage III validates on it (`gag.val_source=test`),
-    each once in that order. The memory runner and the artifact keys both read this."""
-    given = cfg.memory.get("splits")
-    if given is not None:
-        return _names(given)
-    gag = cfg.get("gag")
-    splits = [str(gag.get("train_split", "train")) if gag is not None else "train", *domain_eval_splits(cfg)]
-    if gag is not None and str(gag.get("val_source", "split")) == "test":
-        splits.append(str(gag.get("val_split", "test")))
-    return list(dict.fromkeys(splits))
 
 
 _MODEL_SPEC_DROP = ("description",)
@@ -339,8 +302,6 @@ def _stage_key(cfg: DictConfig, stage: str, memo: dict[str, Any]) -> dict[str, A
     elif stage == "gag":
         _gag_key(cfg, key, memo)
     elif stage == "lora":
-        from gag_lightning.stages.lora.runner import record_selection
-
         key.update(seed=cfg.seed, precision=str(cfg.trainer.precision), base=model_identity(cfg.model.base),
                    instruction=cfg.domain.instruction, records=record_selection(cfg))
     elif stage == "eval":

@@ -21,8 +21,9 @@ from omegaconf import DictConfig
 from gag_lightning.artifacts import MANIFEST, apply_umask, atomic_write_text, read_manifest, write_manifest
 from gag_lightning.data.records import QARecord, read_qa
 from gag_lightning.errors import GAGError, MissingArtifactError, SchemaMismatchError
-from gag_lightning.keys import artifact_dir, container, file_digest, memory_splits, stage_key
+from gag_lightning.keys import artifact_dir, container, stage_key
 from gag_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_path
+from gag_lightning.splits import record_selection
 from gag_lightning.stages._common.trainer import (
     build_trainer,
     finish_loggers,
@@ -41,18 +42,6 @@ LORA_CONFIG = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------------------------------- records
-def record_selection(cfg: DictConfig) -> dict[str, Any]:
-    """What decides the LoRA's training records, mirroring Stage III's data module (part of the artifact key)."""
-    from gag_lightning.stages.memory.runner import split_limits
-
-    gag = cfg.gag
-    split = str(gag.get("train_split", "train"))
-    holdout = float(gag.get("val_fraction", 0.0)) if str(gag.get("val_source", "split")) == "split" else 0.0
-    return {"split": split, "data": file_digest(cfg.domain.get(split)),
-            "max_records": split_limits(cfg, memory_splits(cfg)).get(split),
-            "holdout": holdout, "max_train_records": gag.get("max_train_records")}
-
-
 def train_records(cfg: DictConfig) -> list[QARecord]:
     """The records Stage III trains its adapter on (the memory bank keeps the file's first N, in order)."""
     from gag_lightning.stages.gag.datamodule import split_positions

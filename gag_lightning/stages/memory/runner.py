@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from gag_lightning.artifacts import MANIFEST, read_manifest, write_manifest
@@ -41,6 +41,7 @@ from gag_lightning.memory.onepass import EXTRACT_MODES, OnePassJob
 from gag_lightning.memory.schema import memory_schema
 from gag_lightning.models.loading import fingerprint_dir, load_causal_lm, load_tokenizer
 from gag_lightning.prompts import stop_token_ids
+from gag_lightning.splits import split_limits
 from gag_lightning.stages._common.trainer import trainer_kwargs
 from gag_lightning.upstream import memory_expert_path
 
@@ -161,27 +162,6 @@ def _split_files(cfg: DictConfig) -> dict[str, Path]:
             raise GAGError(f"domain.{split}={path}: no such file")
         files[split] = Path(str(path))
     return files
-
-
-def split_limits(cfg: DictConfig, splits: list[str]) -> dict[str, int | None]:
-    """`memory.max_records` per split: null (all records), one int for every split, or {split: N}."""
-    node = cfg.memory.get("max_records")
-    if node is None:
-        return {s: None for s in splits}
-    if isinstance(node, int) and not isinstance(node, bool):
-        limits = {s: node for s in splits}
-    elif OmegaConf.is_dict(node):
-        unknown = sorted(set(node) - set(splits))
-        if unknown:
-            raise GAGError(f"memory.max_records names split(s) {unknown} that the memory stage does not build "
-                           f"(its splits: {splits}; memory.splits, or gag.train_split + domain.eval_splits)")
-        limits = {s: node.get(s) for s in splits}
-    else:
-        raise GAGError(f"memory.max_records={node!r}: give null, an integer, or a mapping {{split: integer}}")
-    for split, n in limits.items():
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise GAGError(f"memory.max_records for split '{split}' is {n!r}; it must be a positive integer or null")
-    return limits
 
 
 def _hidden_size(expert_path: Path) -> int:
