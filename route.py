@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
-# idle OpenMP threads spin for some tens of microseconds (the gap between two ops of a decoding step), then sleep:
-# sleeping at once cost the memory stage a quarter of its speed on 2 cores, spinning on stalls a shared CPU
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+from gag_lightning.runtime_env import set_openmp_wait  # noqa: E402
+
+set_openmp_wait()  # before torch loads
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import os
 
-# the OpenMP waiting of train.py
-# idle OpenMP threads spin for some tens of microseconds (the gap between two ops of a decoding step), then sleep:
-# sleeping at once cost the memory stage a quarter of its speed on 2 cores, spinning on stalls a shared CPU
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +27,10 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PROJECT_ROOT", str(REPO))
+
+from gag_lightning.runtime_env import set_openmp_wait  # noqa: E402
+
+set_openmp_wait()  # train.py's OpenMP waiting, before torch loads
 
 import torch  # noqa: E402
 
