@@ -14,7 +14,7 @@ B, HEADS, KV_HEADS, D, P = 3, 6, 2, 16, 5
 
 def run(query, keys, values, mask, prefix):
     module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
-    token = pa._PREFIX.set([prefix])
+    token = pa._PREFIX.set(pa._SharedPrefix([prefix]))
     try:
         return pa.prefix_attention_forward(module, query, keys, values, mask, scaling=0.25)[0]
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,8 +36,18 @@ __all__ = ["IMPLEMENTATION", "prefix_attention_forward", "shared_prefix"]
 #: the name under which the attention function is registered with transformers
 IMPLEMENTATION = "gag_shared_prefix"
 
-_PREFIX: contextvars.ContextVar[Sequence[tuple[Tensor, Tensor]] | None] = contextvars.ContextVar(
-    "gag_shared_prefix", default=None)
+
+@dataclass
+class _SharedPrefix:
+    """The active prefix (keys, values per layer) and the last mask seen with what was made of it: HF hands every
+    layer of a forward the same mask, converted once."""
+
+    layers: Sequence[tuple[Tensor, Tensor]]
+    mask_seen: Tensor | None = None
+    made: tuple[Tensor | None, Tensor | None] = (None, None)
+
+
+_PREFIX: contextvars.ContextVar[_SharedPrefix | None] = contextvars.ContextVar("gag_shared_prefix", default=None)
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -51,7 +62,7 @@ def prefix_attention_forward(module: Any, query: Tensor, key: Tensor, value: Ten
                                       **kwargs)
     if query.device.type != "cpu" or dropout:
         raise NotImplementedError("shared-prefix attention runs on the CPU's flash kernel, without dropout")
-    prefix_keys, prefix_values = prefix[module.layer_idx]
+    prefix_keys, prefix_values = prefix.layers[module.layer_idx]
     b, heads, t, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -60,7 +71,7 @@ def prefix_attention_forward(module: Any, query: Tensor, key: Tensor, value: Ten
     out_p, lse_p = _flash(stacked, prefix_keys, prefix_values, scale=scaling)
     out_p = out_p.reshape(kv_heads, b, group * t, d).transpose(0, 1).reshape(b, heads, t, d)
     lse_p = lse_p.reshape(kv_heads, b, group * t).transpose(0, 1).reshape(b, heads, t)
-    mask, fully_masked = _row_mask(attention_mask, t, key.shape[2], query)
+    mask, fully_masked = _row_mask(prefix, attention_mask, t, key.shape[2], query)
     if t == 1 and group > 1:  # a decoding step: the group's queries side by side, no copy of the keys
         out_r, lse_r = _flash(query.reshape(b, kv_heads, group, d), key, value, attn_mask=mask, scale=scaling)
         out_r, lse_r = out_r.reshape(b, heads, 1, d), lse_r.reshape(b, heads, 1)
@@ -74,14 +85,11 @@ def prefix_attention_forward(module: Any, query: Tensor, key: Tensor, value: Ten
     return out.transpose(1, 2).contiguous(), None
 
 
-_memo: list[Any] = [None, None, None]  # the last mask seen and what was made of it (every layer gets the same one)
-
-
-def _row_mask(attention_mask: Tensor | None, t: int, width: int, query: Tensor) -> tuple[Tensor | None,
-                                                                                           Tensor | None]:
+def _row_mask(state: _SharedPrefix, attention_mask: Tensor | None, t: int, width: int,
+              query: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """The additive mask of a row's own columns and which queries see none of them (each None when unmasked)."""
-    if attention_mask is not None and _memo[0] is attention_mask:
-        return _memo[1], _memo[2]
+    if attention_mask is not None and state.mask_seen is attention_mask:
+        return state.made
     allowed = attention_mask
     if allowed is None and t > 1:  # HF left out an all-ones mask: causal, aligned on the last column
         allowed = torch.ones(t, width, dtype=torch.bool, device=query.device).tril(width - t)[None, None]
@@ -92,7 +100,7 @@ def _row_mask(attention_mask: Tensor | None, t: int, width: int, query: Tensor) 
     mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, float("-inf"))
     fully_masked = ~allowed.any(dim=-1)
     if attention_mask is not None:
-        _memo[:] = [attention_mask, mask, fully_masked]
+        state.mask_seen, state.made = attention_mask, (mask, fully_masked)
     return mask, fully_masked
 
 
@@ -105,10 +113,9 @@ def shared_prefix(model: Any, layers: Sequence[tuple[Tensor, Tensor]]) -> Iterat
     """Within the block, `model`'s attention layers also attend to `layers` (the shared prefix's keys and values)."""
     before = model.config._attn_implementation
     model.set_attn_implementation(IMPLEMENTATION)
-    token = _PREFIX.set(list(layers))
+    token = _PREFIX.set(_SharedPrefix(list(layers)))
     try:
         yield
     finally:
         _PREFIX.reset(token)
-        _memo[:] = [None, None, None]
         model.set_attn_implementation(before)
