@@ -55,7 +55,6 @@ class ScreenedGreedyHead:
         self.max_candidates = int(max_candidates)
         gamma = weight.shape[1] * 2.0**-24
         self.rel = 2 * _U + _U * _U + 3 * gamma
-        self.rows = 0
         self.full_rows = 0  # rows that fell back to the float32 head (a profile's count)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -100,5 +99,4 @@ class ScreenedGreedyHead:
             first = torch.full((n,), self.weight.shape[0], dtype=torch.long, device=hidden.device)
             first = first.scatter_reduce(0, row[win], token[win], "amin")
             out[~wide] = first[~wide]
-        self.rows += n
         return out
