@@ -21,9 +21,8 @@ The memory stage decodes thousands of backgrounds with one expert and one prompt
   position as well). The buffer of a finished row goes to the compressor and its slot is reused.
 
 Rows of different lengths share one KV cache (memory/slab_cache.py: a step writes its column in place), aligned by
-left padding (zeros in the cache, 0 in the attention
-mask); positions are counted on the mask, so a row computes what it would alone, up to float rounding. Leading
-columns no row uses any more are trimmed whenever rows leave. Greedy only: sampling keeps the project's
+left padding (zeros in the cache, 0 in the attention mask); positions are counted on the mask, so a row computes
+what it would alone, up to float rounding. Leading columns no row uses any more are trimmed whenever rows leave. Greedy only: sampling keeps the project's
 `generate_batched` path (eval.generation), whose per-batch seeding a stream cannot reproduce.
 """
 
@@ -196,15 +195,13 @@ class StreamingDecoder:
                     cache, mask = None, mask[:0]
                     slot, count, last, alive = slot[:0], count[:0], last[:0], alive[:0]
                 else:
-                    for layer in slab_layers(cache):
-                        layer.keep_rows(keep)
+                    cache.keep_rows(keep)
                     mask, slot, count, last, alive = mask[keep], slot[keep], count[keep], last[keep], alive[keep]
                     used = mask.any(dim=0).nonzero()
                     start = int(used[0]) if len(used) else 0
                     if start:
                         mask = mask[:, start:]
-                        for layer in slab_layers(cache):
-                            layer.trim_left(start)
+                        cache.trim_left(start)
             if queue and not dead and (len(free) >= self.refill or not rows):
                 take = min(len(free), len(queue))
                 new, queue = queue[:take], queue[take:]
@@ -280,8 +277,7 @@ def _screened_head(model: Any, wanted: bool | None) -> ScreenedGreedyHead | None
 def _merge(cache: Any, mask: Tensor, c_new: Any, m_new: Tensor) -> tuple[Any, Tensor]:
     """Append new rows to the batch: left-pad the shorter of the two caches (and masks) to a common width."""
     target = max(mask.shape[1], m_new.shape[1])
-    for old, add in zip(slab_layers(cache), slab_layers(c_new), strict=True):
-        old.append_rows(add, target)
+    cache.append_rows(c_new, target)
     return cache, torch.cat([_pad_mask(mask, target), _pad_mask(m_new, target)])
 
 

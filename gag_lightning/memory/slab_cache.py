@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["SlabCache", "SlabLayer", "fill_order", "slab_layers"]
+__all__ = ["SlabCache", "SlabLayer", "fill_order", "moved_rows", "slab_layers"]
 
 
 class SlabLayer(DynamicLayer):
@@ -74,17 +74,17 @@ class SlabLayer(DynamicLayer):
             self.key_slab, self.value_slab = self.key_slab[indices], self.value_slab[indices]
             self._view()
 
-    def keep_rows(self, order: Tensor) -> None:
+    def keep_rows(self, order: Tensor, moved: Tensor | None = None) -> None:
         """Keep rows `order` (from `fill_order`: row i stays where it is or takes a row from beyond the kept count),
-        moving only the rows that change place."""
+        moving only the rows that change place (`moved`, their positions: `moved_rows(order)`, given once for all
+        layers by `SlabCache.keep_rows`)."""
         if self.key_slab is None:
             return
-        n = len(order)
-        moved = (order != torch.arange(n, device=order.device)).nonzero().flatten()
+        moved = moved_rows(order) if moved is None else moved
         if len(moved):
             self.key_slab[moved] = self.key_slab[order[moved]]
             self.value_slab[moved] = self.value_slab[order[moved]]
-        self.key_slab, self.value_slab = self.key_slab[:n], self.value_slab[:n]
+        self.key_slab, self.value_slab = self.key_slab[:len(order)], self.value_slab[:len(order)]
         self._view()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -106,6 +106,22 @@ class SlabCache(Cache):
     def __init__(self) -> None:
         super().__init__(layer_class_to_replicate=SlabLayer)
 
+    def keep_rows(self, order: Tensor) -> None:
+        """`SlabLayer.keep_rows` on every layer (which rows move is worked out once)."""
+        moved = moved_rows(order)
+        for layer in slab_layers(self):
+            layer.keep_rows(order, moved)
+
+    def trim_left(self, columns: int) -> None:
+        """`SlabLayer.trim_left` on every layer."""
+        for layer in slab_layers(self):
+            layer.trim_left(columns)
+
+    def append_rows(self, other: SlabCache, width: int) -> None:
+        """`SlabLayer.append_rows` layer by layer: `other`'s rows under these, left-padded to `width` columns."""
+        for mine, theirs in zip(slab_layers(self), slab_layers(other), strict=True):
+            mine.append_rows(theirs, width)
+
 
 def slab_layers(cache: Any) -> list[SlabLayer]:
     """The layers of a `SlabCache` (refusing any other cache: the decoder moves their views itself)."""
@@ -124,6 +140,11 @@ def fill_order(alive: Tensor) -> Tensor:
     holes = (~alive[:n]).nonzero().flatten()
     order[holes] = kept[kept >= n]
     return order
+
+
+def moved_rows(order: Tensor) -> Tensor:
+    """The positions of `order` (from `fill_order`) that take another row."""
+    return (order != torch.arange(len(order), device=order.device)).nonzero().flatten()
 
 
 def _pad_left(t: Tensor, width: int) -> Tensor:
